@@ -1,0 +1,77 @@
+"""Analytic MACs (multiply-accumulates) per token, and budget arithmetic.
+
+Per token, with s the sequence length attended over:
+- an attention unit of g query heads sharing one KV head of size dh costs
+  2*d*dh*g (Q and O) + 2*d*dh (K and V) + 2*s*dh*g (scores and weighted sum); with g = 1 that is
+  the 4*d*dh + 2*s*dh of DESIGN 5;
+- an FFN neuron costs 2*d, or 3*d in a gated FFN.
+Everything else (embeddings, LM head, poolers) is not prunable and is reported separately.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models import KINDS, Adapter, BlockGeometry, Kind
+from .models import layers as L
+
+
+def unit_macs(geom: BlockGeometry, kind: Kind, seq_len: float) -> float:
+    """MACs per token of one unit of the given kind."""
+    d, dh, g = geom.d, geom.head_dim, geom.heads_per_unit
+    if kind == "attn":
+        return 2 * d * dh * g + 2 * d * dh + 2 * seq_len * dh * g
+    return (3 if geom.gated else 2) * d
+
+
+def prunable_macs(geoms: list[BlockGeometry], seq_len: float) -> float:
+    """MACs per token of everything the search may remove."""
+    return sum(g.count(k) * unit_macs(g, k, seq_len) for g in geoms for k in KINDS)
+
+
+def _prunable_modules(adapter: Adapter) -> set[int]:
+    ids = set()
+    for i in range(adapter.num_layers):
+        layer = adapter.layers()[i]
+        for module in layer.modules():
+            if isinstance(module, L.LinearLike):
+                ids.add(id(module))
+    return ids
+
+
+def other_macs(adapter: Adapter, seq_len: int) -> float:
+    """MACs of one sequence outside the transformer blocks: LM heads, poolers, classifiers.
+
+    Linear layers applied to every token count seq_len times; the adapter names those applied to
+    one token per sequence. A tied LM head is a Linear too, so it is counted like any other.
+    """
+    inside = _prunable_modules(adapter)
+    once = {id(m) for m in adapter.per_sequence_modules()}
+    total = 0.0
+    for module in adapter.model.modules():
+        if isinstance(module, L.LinearLike) and id(module) not in inside:
+            out_features, in_features = L.shape_of(module)
+            total += out_features * in_features * (1 if id(module) in once else seq_len)
+    return total
+
+
+def model_macs(adapter: Adapter, seq_len: int) -> float:
+    """Analytic MACs of one forward pass over one sequence of seq_len tokens."""
+    return seq_len * prunable_macs(adapter.geometries(), seq_len) + other_macs(adapter, seq_len)
+
+
+def counted_macs(model: nn.Module, input_ids: torch.Tensor) -> float:
+    """MACs that torch's FlopCounterMode counts for one forward pass (it reports 2 FLOPs per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    return counter.get_total_flops() / 2
+
+
+def check_budget(budget: float) -> float:
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget {budget} is outside (0, 1]: it is the fraction of prunable MACs kept")
+    return budget

@@ -1,0 +1,39 @@
+"""Scoring methods: one module each, all behind one signature.
+
+A method maps (weights of one site, statistics of that site, rng) to one score per unit; a higher
+score means more important. The global search compares scores across layers and between heads and
+neurons, so every method returns them in one currency: an estimate of what removing the unit takes
+out of the block's output, with the unit's MAC cost already accounted for by the search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..models import UnitWeights
+from ..stats import GramStats
+from .baselines import fluctuation_scores, magnitude_scores, random_scores
+from .gfp import gfp_d2_scores, gfp_r2_scores, gfp_scores
+
+ScoreFn = Callable[[UnitWeights, GramStats, torch.Generator], torch.Tensor]
+
+METHODS: dict[str, ScoreFn] = {
+    "gfp": gfp_scores,
+    "gfp-r2": gfp_r2_scores,
+    "gfp-d2": gfp_d2_scores,
+    "fluctuation": fluctuation_scores,
+    "magnitude": magnitude_scores,
+    "random": random_scores,
+}
+
+
+def get_method(name: str) -> ScoreFn:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "ScoreFn", "get_method"]

@@ -1,0 +1,31 @@
+"""Baselines: random, weight magnitude and activation-aware fluctuation (FLAP / Wanda-sp style)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import UnitWeights
+from ..stats import GramStats
+from .common import output_energy, per_unit
+
+
+def random_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
+    """A uniformly random value per column, summed per unit: random per MAC, so the global search
+    keeps heads and neurons in proportion instead of dropping whichever kind is dearer."""
+    return per_unit(torch.rand(w.out.shape[1], generator=rng, dtype=torch.float64), w.width)
+
+
+def magnitude_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
+    """Squared L2 norm of all weights that belong to the unit (its input rows and output columns)."""
+    units = w.units
+    total = per_unit(w.out.to(torch.float64).pow(2).sum(0), w.width)
+    for weight in w.ins:
+        total = total + weight.to(torch.float64).pow(2).reshape(units, -1).sum(1)
+    return total
+
+
+def fluctuation_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
+    """Variance of the unit's activation times the squared norm of its output columns.
+
+    For a head the block version: trace(W_h^T W_h Cov_hh), the variance of the head's output."""
+    return output_energy(w, stats, centered=True)

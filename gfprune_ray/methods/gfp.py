@@ -1,0 +1,80 @@
+"""Gradient-free pruning with unlabeled data (Nova, Dai and Schuurmans, ICML 2023).
+
+Two signals per unit, both label-free:
+
+- R2, representativeness, from kernelized convex masking (KCM). Each unit's output direction in
+  the residual stream is a point; KCM finds nonnegative weights C with phi(X) ~ phi(X) C in the
+  feature space of a Gaussian kernel. C_ii is how much point i has to stand in for itself: a unit
+  that a mix of the others can replace gets a small C_ii.
+- D2, data-driven magnitude: how much signal flows through the unit.
+
+Exact formulas used here (DESIGN 4 leaves the combination to us; see README "Method notes"):
+
+  R2_u = mean over the unit's columns of C_ii, divided by its maximum in the layer, in (0, 1].
+         (Dividing by the maximum rather than min-max keeps the least representative unit above 0,
+         so its D2 still counts.)
+  D2_u = E |W_u x_u|^2, the energy the unit adds to the residual stream (second moment, not
+         centred: without reconstruction the mean is lost with the unit too).
+  gfp  = R2_u * D2_u.
+
+D2 in output units (rather than the RMS activation standardised per layer) is what makes scores
+comparable across layers and between heads and neurons: DESIGN 10 measured that per-layer
+normalised scores collapse a global search. `gfp-r2` and `gfp-d2` are the ablations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import UnitWeights
+from ..stats import GramStats
+from .common import output_energy
+
+SIGMA = 1.0
+ALPHA = 0.01
+MAX_ITERATIONS = 300
+
+
+def kcm_self_weights(
+    points: torch.Tensor, sigma: float = SIGMA, alpha: float = ALPHA, max_iterations: int = MAX_ITERATIONS
+) -> torch.Tensor:
+    """Diagonal of the KCM weight matrix C for n points (rows of `points`).
+
+    Multiplicative updates C <- C * sqrt(K / (K C)) from C = 1/n, until the relative change of C
+    falls below alpha. They keep C nonnegative and decrease |phi(X) - phi(X) C|^2.
+    """
+    x = points.to(torch.float32)
+    n = x.shape[0]
+    sq = (x * x).sum(1)
+    dist2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp(min=0)
+    kernel = torch.exp(-dist2 / sigma**2)
+    c = torch.full((n, n), 1.0 / n)
+    tiny = torch.finfo(torch.float32).tiny
+    for _ in range(max_iterations):
+        updated = c * torch.sqrt(kernel / (kernel @ c).clamp(min=tiny))
+        change = torch.linalg.norm(updated - c) / torch.linalg.norm(c)
+        c = updated
+        if change < alpha:
+            break
+    return c.diagonal().to(torch.float64)
+
+
+def representativeness(w: UnitWeights) -> torch.Tensor:
+    """R2 per unit: KCM on the output columns, averaged within each unit, scaled to max 1."""
+    per_column = kcm_self_weights(w.out.T)
+    per_unit = per_column.reshape(-1, w.width).mean(1)
+    return per_unit / per_unit.max().clamp(min=torch.finfo(torch.float64).tiny)
+
+
+def gfp_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
+    return representativeness(w) * output_energy(w, stats, centered=False)
+
+
+def gfp_r2_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
+    """Ablation: R2 alone, put in the layer's currency by the layer's mean D2."""
+    return representativeness(w) * output_energy(w, stats, centered=False).mean()
+
+
+def gfp_d2_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
+    """Ablation: D2 alone."""
+    return output_energy(w, stats, centered=False)

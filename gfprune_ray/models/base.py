@@ -1,0 +1,256 @@
+"""The adapter interface: what the rest of gfprune-ray may know about a model.
+
+An adapter wraps one loaded transformers model and answers, per block: its geometry, the modules
+whose inputs are the attention context and the FFN activations (for statistics), the weights of
+each prunable unit (for scores and reconstruction), and how to cut units out in place.
+
+Family adapters are mostly declarative: dotted paths, relative to one transformer layer, of the
+projections, plus the few attributes that must follow a change of head count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from . import layers as L
+
+Kind = Literal["attn", "ffn"]
+KINDS: tuple[Kind, Kind] = ("attn", "ffn")
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """Shape of one transformer block as it is now (pruned blocks differ from layer to layer).
+
+    An attention *unit* is the smallest piece that can be removed: a head, or with grouped-query
+    attention a whole KV group (one key/value head and the query heads that share it).
+    """
+
+    d: int
+    units: int
+    heads_per_unit: int
+    head_dim: int
+    ffn: int
+    gated: bool
+
+    @property
+    def unit_width(self) -> int:
+        """Context columns (input columns of the attention output projection) per attention unit."""
+        return self.heads_per_unit * self.head_dim
+
+    def count(self, kind: Kind) -> int:
+        return self.units if kind == "attn" else self.ffn
+
+    def width(self, kind: Kind) -> int:
+        return self.unit_width if kind == "attn" else 1
+
+
+@dataclass
+class UnitWeights:
+    """The weights of one prunable site as plain tensors: all that a scoring method sees.
+
+    `out` is the output projection (d x units*width) whose columns are grouped per unit; each tensor
+    in `ins` holds input-projection rows grouped per unit (units*r x d).
+    """
+
+    out: torch.Tensor
+    bias: torch.Tensor | None
+    ins: list[torch.Tensor]
+    width: int
+
+    @property
+    def units(self) -> int:
+        return self.out.shape[1] // self.width
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+class Adapter:
+    """Base class. Subclasses fill in the class attributes and `layers`; a few override hooks."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    causal: ClassVar[bool] = False
+    # paths relative to one layer
+    q_path: ClassVar[str | None] = None
+    k_path: ClassVar[str | None] = None
+    v_path: ClassVar[str | None] = None
+    o_path: ClassVar[str] = ""
+    ffn_in_paths: ClassVar[tuple[str, ...]] = ()
+    ffn_out_path: ClassVar[str] = ""
+    gated: ClassVar[bool] = False
+    # the module that is swapped for a ConstantOutput once a block loses every unit
+    attn_block_path: ClassVar[str] = ""
+    ffn_block_path: ClassVar[str | None] = None  # None: zero-width nn.Linear layers already work
+    # BERT keeps its attention output projection (and LayerNorm) outside the replaced module
+    out_proj_outside_attn_block: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.base = getattr(model, model.base_model_prefix, model)
+
+    # ---- family-specific -------------------------------------------------------------------
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def set_head_count(self, layer: nn.Module, heads: int) -> None:
+        """Update attributes that must follow the number of query heads (default: none)."""
+
+    def per_sequence_modules(self) -> list[nn.Module]:
+        """Linear layers applied to one token per sequence (poolers, classifiers): for MACs."""
+        return []
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def heads_per_unit(self) -> int:
+        kv = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+        return self.config.num_attention_heads // kv
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.hidden_size // self.config.num_attention_heads
+
+    # ---- attention inputs: overridden by fused-QKV families (GPT-2) ----------------------------
+    def attention_inputs(self, i: int) -> list[torch.Tensor]:
+        layer = self.layers()[i]
+        return [L.weight_of(get_path(layer, p)) for p in (self.q_path, self.k_path, self.v_path)]
+
+    def _cut_attention_inputs(self, i: int, keep: torch.Tensor) -> None:
+        layer = self.layers()[i]
+        q_rows = L.unit_rows(keep, self.heads_per_unit * self.head_dim)
+        kv_rows = L.unit_rows(keep, self.head_dim)
+        for path, rows in ((self.q_path, q_rows), (self.k_path, kv_rows), (self.v_path, kv_rows)):
+            set_path(layer, path, L.sliced(get_path(layer, path), rows=rows))
+
+    # ---- generic ------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+    def attention_removed(self, i: int) -> bool:
+        return isinstance(get_path(self.layers()[i], self.attn_block_path), L.ConstantOutput)
+
+    def ffn_removed(self, i: int) -> bool:
+        return self.ffn_block_path is not None and isinstance(
+            get_path(self.layers()[i], self.ffn_block_path), L.ConstantOutput
+        )
+
+    def output_projection(self, i: int, kind: Kind) -> nn.Module | None:
+        """The module whose input is the attention context (attn) or the FFN activations (ffn)."""
+        layer = self.layers()[i]
+        if kind == "attn":
+            if self.attention_removed(i) and not self.out_proj_outside_attn_block:
+                return None
+            return get_path(layer, self.o_path)
+        return None if self.ffn_removed(i) else get_path(layer, self.ffn_out_path)
+
+    def geometry(self, i: int) -> BlockGeometry:
+        o = self.output_projection(i, "attn")
+        down = self.output_projection(i, "ffn")
+        width = self.heads_per_unit * self.head_dim
+        return BlockGeometry(
+            d=self.hidden_size,
+            units=0 if o is None or self.attention_removed(i) else L.shape_of(o)[1] // width,
+            heads_per_unit=self.heads_per_unit,
+            head_dim=self.head_dim,
+            ffn=0 if down is None else L.shape_of(down)[1],
+            gated=self.gated,
+        )
+
+    def geometries(self) -> list[BlockGeometry]:
+        return [self.geometry(i) for i in range(self.num_layers)]
+
+    def unit_weights(self, i: int, kind: Kind) -> UnitWeights:
+        geom = self.geometry(i)
+        out = self.output_projection(i, kind)
+        if geom.count(kind) == 0:
+            raise ValueError(f"layer {i} has no {kind} units left")
+        if kind == "attn":
+            ins = self.attention_inputs(i)
+        else:
+            ins = [L.weight_of(get_path(self.layers()[i], p)) for p in self.ffn_in_paths]
+        return UnitWeights(
+            out=L.weight_of(out).detach(),
+            bias=None if out.bias is None else out.bias.detach(),
+            ins=[w.detach() for w in ins],
+            width=geom.width(kind),
+        )
+
+    def prune_block(self, i: int, keep_units: torch.Tensor, keep_neurons: torch.Tensor) -> None:
+        """Physically remove every attention unit and FFN neuron of layer i not listed as kept."""
+        geom = self.geometry(i)
+        keep_units = torch.as_tensor(keep_units, dtype=torch.long).sort().values
+        keep_neurons = torch.as_tensor(keep_neurons, dtype=torch.long).sort().values
+        if geom.units and len(keep_units) < geom.units:
+            self._prune_attention(i, keep_units, geom)
+        if geom.ffn and len(keep_neurons) < geom.ffn:
+            self._prune_ffn(i, keep_neurons)
+
+    def _prune_attention(self, i: int, keep: torch.Tensor, geom: BlockGeometry) -> None:
+        layer = self.layers()[i]
+        o = get_path(layer, self.o_path)
+        set_path(layer, self.o_path, L.sliced(o, cols=L.unit_rows(keep, geom.unit_width)))
+        if len(keep) == 0:
+            self._remove_attention(i)
+            return
+        self._cut_attention_inputs(i, keep)
+        self.set_head_count(layer, len(keep) * geom.heads_per_unit)
+
+    def _remove_attention(self, i: int) -> None:
+        layer = self.layers()[i]
+        if self.out_proj_outside_attn_block:
+            replacement = L.ConstantOutput(0, None, returns_tuple=True)
+        else:
+            o = get_path(layer, self.o_path)
+            replacement = L.ConstantOutput(self.hidden_size, o.bias, returns_tuple=True, layer_idx=self._idx(i))
+        set_path(layer, self.attn_block_path, replacement)
+
+    def _idx(self, i: int) -> int | None:
+        return i if self.causal else None
+
+    def _prune_ffn(self, i: int, keep: torch.Tensor) -> None:
+        layer = self.layers()[i]
+        down = get_path(layer, self.ffn_out_path)
+        if len(keep) == 0 and self.ffn_block_path is not None:
+            set_path(layer, self.ffn_block_path, L.ConstantOutput(self.hidden_size, down.bias, returns_tuple=False))
+            return
+        for path in self.ffn_in_paths:
+            set_path(layer, path, L.sliced(get_path(layer, path), rows=keep))
+        set_path(layer, self.ffn_out_path, L.sliced(down, cols=keep))
+
+    def set_output(self, i: int, kind: Kind, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Write reconstructed output-projection weights (d x kept columns) and bias."""
+        out = self.output_projection(i, kind)
+        if out is None:  # the whole block became a constant: only its bias is left
+            constant = get_path(self.layers()[i], self.attn_block_path if kind == "attn" else self.ffn_block_path)
+            if bias is not None and constant.bias is not None:
+                with torch.no_grad():
+                    constant.bias.copy_(bias.to(constant.bias.dtype))
+            return
+        L.assign(out, weight, bias)
+
+    def sizes(self) -> list[list[int]]:
+        """Per-layer [attention units, FFN neurons]: what a saved config must carry."""
+        return [[g.units, g.ffn] for g in self.geometries()]
+
+    def resize(self, sizes: list[list[int]]) -> None:
+        """Give a freshly built model the per-layer sizes of a pruned one (weights are loaded after)."""
+        if len(sizes) != self.num_layers:
+            raise ValueError(f"expected sizes for {self.num_layers} layers, got {len(sizes)}")
+        for i, (units, ffn) in enumerate(sizes):
+            self.prune_block(i, torch.arange(units), torch.arange(ffn))

@@ -1,0 +1,39 @@
+"""BERT-style encoders: BERT, RoBERTa (and MiniLM, which is a BERT), with or without a task head."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter
+
+
+class BertAdapter(Adapter):
+    model_types = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+    q_path = "attention.self.query"
+    k_path = "attention.self.key"
+    v_path = "attention.self.value"
+    o_path = "attention.output.dense"
+    ffn_in_paths = ("intermediate.dense",)
+    ffn_out_path = "output.dense"
+    attn_block_path = "attention.self"
+    out_proj_outside_attn_block = True  # attention.output keeps its LayerNorm over (bias + residual)
+
+    def layers(self) -> nn.ModuleList:
+        return self.base.encoder.layer
+
+    def set_head_count(self, layer: nn.Module, heads: int) -> None:
+        attention = layer.attention.self
+        attention.num_attention_heads = heads
+        attention.all_head_size = heads * attention.attention_head_size
+
+    def per_sequence_modules(self) -> list[nn.Module]:
+        found = []
+        pooler = getattr(self.base, "pooler", None)
+        if pooler is not None:
+            found.append(pooler.dense)
+        classifier = getattr(self.model, "classifier", None)
+        if isinstance(classifier, nn.Linear):  # BertForSequenceClassification: on the pooled token
+            found.append(classifier)
+        elif classifier is not None:  # RobertaClassificationHead: dense + out_proj on <s>
+            found.extend(m for m in classifier.modules() if isinstance(m, nn.Linear))
+        return found

@@ -1,0 +1,98 @@
+"""Generic surgery on linear layers: slicing rows and columns of nn.Linear and GPT-2's Conv1D.
+
+Nothing here knows a module name; the adapters say which module to cut and where.
+Weights are always handled in nn.Linear layout, (out_features, in_features).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+LinearLike = nn.Linear | Conv1D
+
+
+def weight_of(module: LinearLike) -> torch.Tensor:
+    """The weight in (out, in) layout; Conv1D stores it transposed."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def bias_of(module: LinearLike) -> torch.Tensor | None:
+    return module.bias
+
+
+def shape_of(module: LinearLike) -> tuple[int, int]:
+    out_features, in_features = weight_of(module).shape
+    return out_features, in_features
+
+
+def build_like(module: LinearLike, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearLike:
+    """A new module of the same type holding `weight` (out, in) and `bias`."""
+    out_features, in_features = weight.shape
+    if isinstance(module, Conv1D):
+        new = Conv1D(out_features, in_features)
+        new.weight = nn.Parameter(weight.T.contiguous().clone())
+        new.bias = nn.Parameter(bias.clone() if bias is not None else torch.zeros(out_features, dtype=weight.dtype))
+        return new
+    new = nn.Linear(in_features, out_features, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
+def sliced(module: LinearLike, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> LinearLike:
+    """Keep only output features `rows` and input features `cols` (index tensors)."""
+    with torch.no_grad():
+        weight = weight_of(module)
+        bias = bias_of(module)
+        if rows is not None:
+            weight = weight[rows]
+            bias = bias[rows] if bias is not None else None
+        if cols is not None:
+            weight = weight[:, cols]
+    return build_like(module, weight, bias)
+
+
+def assign(module: LinearLike, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Overwrite a module's weight (out, in) and bias in place, in the module's dtype."""
+    with torch.no_grad():
+        target = weight_of(module)
+        target.copy_(weight.to(target.dtype))
+        if bias is not None:
+            if module.bias is None:
+                raise ValueError("cannot give a bias to a layer built without one")
+            module.bias.copy_(bias.to(module.bias.dtype))
+
+
+def unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
+    """Row indices of whole units of `width` consecutive rows (heads, KV groups)."""
+    offsets = torch.arange(width)
+    return (units[:, None] * width + offsets[None, :]).reshape(-1)
+
+
+class ConstantOutput(nn.Module):
+    """Stands in for an attention block or FFN that lost all of its units.
+
+    Its output is the bias of the removed output projection (zeros without one), which is exactly
+    what the block computes once every unit feeding that projection is gone. Decoders still advance
+    the KV cache with zero heads so that the cache length stays right for `generate`.
+    """
+
+    def __init__(self, width: int, bias: torch.Tensor | None, returns_tuple: bool, layer_idx: int | None = None):
+        super().__init__()
+        self.width = width
+        self.returns_tuple = returns_tuple
+        self.layer_idx = layer_idx
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        shape = (*hidden_states.shape[:-1], self.width)
+        out = hidden_states.new_zeros(shape) if self.bias is None else self.bias.to(hidden_states.dtype).expand(shape)
+        cache = kwargs.get("past_key_values")
+        if cache is not None and self.layer_idx is not None:
+            empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], 1)
+            cache.update(empty, empty, self.layer_idx)
+        return (out, None) if self.returns_tuple else out

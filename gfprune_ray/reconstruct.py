@@ -1,0 +1,156 @@
+"""New weights for the kept units, in closed form from the collected statistics (DESIGN 6).
+
+A site's output projection computes y = W x + b. After pruning only the kept columns S of W see
+input. Every mode returns (W', b') for those columns; none needs another pass over data:
+
+- full:  least squares fit of the dense output, ridged toward the original kept weights,
+         W'_S = (W G[:, S] + lam W_S) (G[S, S] + lam I)^-1, with the input augmented by a constant 1
+         when the layer has a bias, so that b' absorbs the mean of the removed units (the bias is
+         not ridged). lam is relative to the mean diagonal of G[S, S] and picked on held-out tokens.
+- scale: one scalar per kept unit (Kwon et al. 2022), ridged toward 1, rejected (all ones) if any
+         leaves [-10, 10].
+- none:  W'_S = W_S, b' = b.
+
+G here is the second moment E[x x^T] (the Gram matrix divided by n).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models.layers import unit_rows
+from .stats import GramStats
+
+MODES = ("full", "scale", "none")
+LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+MAX_SCALE = 10.0
+
+
+@dataclass
+class Reconstruction:
+    weight: torch.Tensor  # d x |S|
+    bias: torch.Tensor | None
+    lam: float | None  # the ridge chosen on held-out tokens (None where there is no choice)
+    heldout_error: float  # E|y - y'|^2 / E|y|^2 on held-out tokens
+    heldout_error_none: float  # the same error without reconstruction
+
+
+def _moment(stats: GramStats, with_constant: bool) -> torch.Tensor:
+    """E[x x^T], augmented with the constant input 1 as the last coordinate when asked."""
+    moment = stats.second_moment
+    if not with_constant:
+        return moment
+    mean = stats.mean
+    top = torch.cat([moment, mean[:, None]], 1)
+    bottom = torch.cat([mean, torch.ones(1, dtype=mean.dtype)])[None, :]
+    return torch.cat([top, bottom], 0)
+
+
+def _augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    w = weight.to(torch.float64)
+    return w if bias is None else torch.cat([w, bias.to(torch.float64)[:, None]], 1)
+
+
+def relative_error(dense: torch.Tensor, pruned: torch.Tensor, moment: torch.Tensor) -> float:
+    """E|(dense - pruned) x|^2 / E|dense x|^2 for (augmented) weight matrices over the full input."""
+    delta = dense - pruned
+    energy = torch.einsum("ij,jk,ik->", dense, moment, dense)
+    return float(torch.einsum("ij,jk,ik->", delta, moment, delta) / energy.clamp(min=1e-300))
+
+
+def _embed(dense: torch.Tensor, kept: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    full = torch.zeros_like(dense)
+    full[:, cols] = kept
+    return full
+
+
+def _ridge_fit(dense: torch.Tensor, moment: torch.Tensor, cols: torch.Tensor, lam: float, ridged: torch.Tensor) -> torch.Tensor:
+    """(W M[:, S] + W_S Lam) (M[S, S] + Lam)^-1 with Lam = lam * mean diag(M[S, S]) on ridged columns."""
+    block = moment[cols][:, cols]
+    scale = block.diagonal()[ridged].mean() if ridged.any() else torch.tensor(1.0, dtype=block.dtype)
+    ridge = torch.diag(ridged.to(block.dtype) * lam * scale)
+    rhs = dense @ moment[:, cols] + dense[:, cols] @ ridge
+    return torch.linalg.solve(block + ridge, rhs.T).T  # the system is symmetric
+
+
+def _split(augmented: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (augmented[:, :-1], augmented[:, -1]) if has_bias else (augmented, None)
+
+
+def reconstruct_full(weight, bias, keep_cols, fit: GramStats, heldout: GramStats) -> Reconstruction:
+    has_bias = bias is not None
+    dense = _augment(weight, bias)
+    cols = torch.cat([keep_cols, torch.tensor([weight.shape[1]])]) if has_bias else keep_cols
+    ridged = torch.ones(len(cols), dtype=torch.bool)
+    if has_bias:
+        ridged[-1] = False
+    m_fit, m_held = _moment(fit, has_bias), _moment(heldout, has_bias)
+    none_error = relative_error(dense, _embed(dense, dense[:, cols], cols), m_held)
+    errors = {lam: relative_error(dense, _embed(dense, _ridge_fit(dense, m_fit, cols, lam, ridged), cols), m_held) for lam in LAMBDAS}
+    best = min(errors, key=errors.get)
+    refit = _ridge_fit(dense, _moment(fit + heldout, has_bias), cols, best, ridged)
+    w, b = _split(refit, has_bias)
+    return Reconstruction(w, b, best, errors[best], none_error)
+
+
+def _unit_scale_system(weight: torch.Tensor, moment: torch.Tensor, width: int) -> torch.Tensor:
+    """M_uv = E[(W_u x_u) . (W_v x_v)] for all unit pairs: trace blocks of (W^T W) * E[x x^T]."""
+    per_column = (weight.T @ weight) * moment
+    units = weight.shape[1] // width
+    return per_column.reshape(units, width, units, width).sum((1, 3))
+
+
+def reconstruct_scale(weight, bias, keep_units, width, fit: GramStats, heldout: GramStats) -> Reconstruction:
+    w = weight.to(torch.float64)
+    cols = unit_rows(keep_units, width)
+    dense = _augment(weight, bias)
+    m_held_aug = _moment(heldout, bias is not None)
+    extra = [dense.shape[1] - 1] if bias is not None else []
+
+    def scaled(scales: torch.Tensor) -> torch.Tensor:
+        kept = torch.cat([w[:, cols] * scales.repeat_interleave(width)[None, :], dense[:, extra]], 1)
+        return _embed(dense, kept, torch.cat([cols, torch.tensor(extra, dtype=torch.long)]))
+
+    def solve(stats: GramStats, lam: float) -> torch.Tensor:
+        system = _unit_scale_system(w, stats.second_moment, width)
+        block = system[keep_units][:, keep_units]
+        ridge = lam * block.diagonal().mean().clamp(min=1e-300)
+        rhs = system[keep_units].sum(1) + ridge
+        return torch.linalg.solve(block + ridge * torch.eye(len(keep_units), dtype=block.dtype), rhs)
+
+    ones = torch.ones(len(keep_units), dtype=torch.float64)
+    none_error = relative_error(dense, scaled(ones), m_held_aug)
+    if len(keep_units) == 0:
+        return Reconstruction(w[:, cols], bias, None, none_error, none_error)
+    errors = {lam: relative_error(dense, scaled(solve(fit, lam)), m_held_aug) for lam in LAMBDAS}
+    best = min(errors, key=errors.get)
+    scales = solve(fit + heldout, best)
+    if scales.abs().max() > MAX_SCALE:
+        return Reconstruction(w[:, cols], bias, None, none_error, none_error)
+    return Reconstruction(w[:, cols] * scales.repeat_interleave(width)[None, :], bias, best, errors[best], none_error)
+
+
+def reconstruct(
+    mode: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep_units: torch.Tensor,
+    width: int,
+    fit: GramStats,
+    heldout: GramStats,
+) -> Reconstruction:
+    """New output-projection weights for the kept units of one site."""
+    keep_units = torch.as_tensor(keep_units, dtype=torch.long).sort().values
+    cols = unit_rows(keep_units, width)
+    if mode == "full":
+        return reconstruct_full(weight, bias, cols, fit, heldout)
+    if mode == "scale":
+        return reconstruct_scale(weight, bias, keep_units, width, fit, heldout)
+    if mode == "none":
+        dense = _augment(weight, bias)
+        all_cols = torch.cat([cols, torch.tensor([weight.shape[1]])]) if bias is not None else cols
+        error = relative_error(dense, _embed(dense, dense[:, all_cols], all_cols), _moment(heldout, bias is not None))
+        return Reconstruction(weight[:, cols].to(torch.float64), bias, None, error, error)
+    raise ValueError(f"unknown reconstruction {mode!r}; choose one of: {', '.join(MODES)}")

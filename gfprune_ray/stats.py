@@ -1,0 +1,205 @@
+"""Per-layer activation statistics: collected once, summed across shards, saved as safetensors.
+
+For every block and each kind of unit the inputs x of the output projection (the attention context
+for `attn`, the FFN activations for `ffn`) are accumulated over non-padding tokens:
+n (token count), gram = sum x x^T and total = sum x. Every field is a sum, so statistics of two
+shards add up to the statistics of their union; that is what lets the farm reduce by addition.
+
+Each batch's x^T x is computed in float32 (fast BLAS) and added to a float64 accumulator, so
+rounding does not grow with the number of batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import UserError
+from .models import KINDS, Adapter, Kind
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class GramStats:
+    """Sums over tokens of one site's inputs x: n, sum x x^T and sum x (float64)."""
+
+    n: torch.Tensor
+    gram: torch.Tensor
+    total: torch.Tensor
+
+    @classmethod
+    def zeros(cls, width: int) -> GramStats:
+        f64 = torch.float64
+        return cls(torch.zeros((), dtype=f64), torch.zeros(width, width, dtype=f64), torch.zeros(width, dtype=f64))
+
+    def add_(self, x: torch.Tensor) -> None:
+        """Accumulate a (tokens x width) block of inputs."""
+        x32 = x.detach().to(torch.float32)
+        self.n += x32.shape[0]
+        self.gram += (x32.T @ x32).to(torch.float64)
+        self.total += x32.sum(0, dtype=torch.float64)
+
+    def __add__(self, other: GramStats) -> GramStats:
+        return GramStats(self.n + other.n, self.gram + other.gram, self.total + other.total)
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        return self.gram / self.n.clamp(min=1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.n.clamp(min=1)
+
+
+@dataclass
+class ModelStats:
+    """Statistics of every site of a model, keyed by (layer, kind), plus their fingerprint."""
+
+    sites: dict[tuple[int, Kind], GramStats]
+    fingerprint: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __add__(self, other: ModelStats) -> ModelStats:
+        if self.sites.keys() != other.sites.keys():
+            raise ValueError("cannot add statistics of different models")
+        if self.fingerprint != other.fingerprint:
+            raise ValueError("cannot add statistics with different fingerprints")
+        return ModelStats({k: self.sites[k] + other.sites[k] for k in self.sites}, self.fingerprint, self.meta)
+
+    def __getitem__(self, key: tuple[int, Kind]) -> GramStats:
+        return self.sites[key]
+
+    @property
+    def tokens(self) -> int:
+        first = next(iter(self.sites.values()), None)
+        return 0 if first is None else int(first.n)
+
+
+def empty_stats(adapter: Adapter) -> ModelStats:
+    sites = {}
+    for i, geom in enumerate(adapter.geometries()):
+        for kind in KINDS:
+            if geom.count(kind):
+                sites[(i, kind)] = GramStats.zeros(geom.count(kind) * geom.width(kind))
+    return ModelStats(sites)
+
+
+@torch.inference_mode()
+def collect_stats(
+    adapter: Adapter,
+    batches: Iterable[dict[str, torch.Tensor]],
+    on_batch: Callable[[int], None] | None = None,
+) -> ModelStats:
+    """One forward pass over `batches` (dicts with input_ids and attention_mask) with hooks that
+    accumulate every site's statistics over the non-padding tokens."""
+    stats = empty_stats(adapter)
+    current: dict[str, torch.Tensor] = {}
+
+    def hook_for(key: tuple[int, Kind]):
+        def hook(_module, args):
+            x = args[0]  # (batch, seq, width), or (batch * seq, width) where a model flattens (OPT)
+            stats.sites[key].add_(x.reshape(-1, x.shape[-1])[current["mask"]])
+
+        return hook
+
+    handles = [
+        adapter.output_projection(i, kind).register_forward_pre_hook(hook_for((i, kind)))
+        for (i, kind) in stats.sites
+    ]
+    model = adapter.model
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            current["mask"] = batch["attention_mask"].bool().flatten()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            if on_batch is not None:
+                on_batch(int(current["mask"].sum()))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return stats
+
+
+# ---- fingerprints ---------------------------------------------------------------------------
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def stats_fingerprint(model_fp: str, data_fp: str, seq_len: int, samples: int) -> str:
+    """Key of a statistics file: the model weights, the data, the sequence length, the sample count."""
+    key = json.dumps({"v": FORMAT_VERSION, "model": model_fp, "data": data_fp, "seq_len": seq_len, "samples": samples})
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+# ---- safetensors I/O -------------------------------------------------------------------------
+
+
+def save_stats(parts: dict[str, ModelStats], path: str | Path) -> None:
+    """Save named parts (e.g. fit and heldout) of one model's statistics to one safetensors file."""
+    tensors: dict[str, torch.Tensor] = {}
+    fingerprints = {p.fingerprint for p in parts.values()}
+    if len(fingerprints) != 1:
+        raise ValueError("all parts of a statistics file must share one fingerprint")
+    for part, stats in parts.items():
+        for (layer, kind), s in stats.sites.items():
+            prefix = f"{part}/{layer}/{kind}"
+            tensors[f"{prefix}/n"] = s.n.reshape(1)
+            tensors[f"{prefix}/gram"] = s.gram.contiguous()
+            tensors[f"{prefix}/total"] = s.total.contiguous()
+    meta = {"fingerprint": fingerprints.pop(), "format": str(FORMAT_VERSION)}
+    meta.update({f"meta/{k}": json.dumps(v) for k, v in next(iter(parts.values())).meta.items()})
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)  # never leave a half-written file under the real name
+
+
+def load_stats(path: str | Path, fingerprint: str | None, adapter: Adapter | None = None) -> dict[str, ModelStats]:
+    """Load a statistics file, refusing it when its fingerprint or its shapes do not match."""
+    path = Path(path)
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types
+        raise UserError(f"{path}: not a statistics file ({exc})") from None
+    with handle as f:
+        meta = f.metadata() or {}
+        found = meta.get("fingerprint")
+        if fingerprint is not None and found != fingerprint:
+            raise UserError(
+                f"{path}: statistics fingerprint {found} does not match this model and data ({fingerprint})"
+            )
+        parts: dict[str, dict] = {}
+        for key in f.keys():
+            part, layer, kind, name = key.split("/")
+            parts.setdefault(part, {}).setdefault((int(layer), kind), {})[name] = f.get_tensor(key)
+    extra = {k.removeprefix("meta/"): json.loads(v) for k, v in meta.items() if k.startswith("meta/")}
+    loaded = {
+        part: ModelStats(
+            {key: GramStats(d["n"].reshape(()), d["gram"], d["total"]) for key, d in sites.items()}, found, extra
+        )
+        for part, sites in parts.items()
+    }
+    if adapter is not None:
+        expected = empty_stats(adapter).sites
+        for part, stats in loaded.items():
+            shapes = {k: tuple(v.total.shape) for k, v in stats.sites.items()}
+            if shapes != {k: tuple(v.total.shape) for k, v in expected.items()}:
+                raise UserError(f"{path}: statistics shapes do not match the model's layers")
+    return loaded

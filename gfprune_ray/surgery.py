@@ -1,0 +1,116 @@
+"""Physical removal of units, saving a pruned model, and loading it back with one call.
+
+transformers 5 configs have no per-layer head or FFN sizes, so a pruned model's config carries
+`gfprune_sizes` ([attention units, FFN neurons] per layer) and `load_pruned` builds the ordinary
+transformers class, narrows its layers to those sizes and loads the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file
+from torch import nn
+
+from .models import KINDS, Adapter, adapter_for
+from .models import layers as L
+from .reconstruct import Reconstruction
+from .search import Masks
+
+SIZES_KEY = "gfprune_sizes"
+RECORD_FILE = "gfprune.json"
+
+
+def _kept(adapter: Adapter, masks: Masks, i: int, kind: str) -> torch.Tensor:
+    if (i, kind) in masks.keep:
+        return masks.kept_indices((i, kind))
+    return torch.arange(adapter.geometry(i).count(kind))
+
+
+def apply_pruning(adapter: Adapter, masks: Masks, weights: dict | None = None) -> None:
+    """Cut every unit that `masks` drops and write the reconstructed output weights, in place."""
+    weights = weights or {}
+    for i in range(adapter.num_layers):
+        adapter.prune_block(i, _kept(adapter, masks, i, "attn"), _kept(adapter, masks, i, "ffn"))
+        for kind in KINDS:
+            rec: Reconstruction | None = weights.get((i, kind))
+            if rec is not None:
+                adapter.set_output(i, kind, rec.weight, rec.bias)
+
+
+@contextmanager
+def masked(adapter: Adapter, masks: Masks, weights: dict | None = None) -> Iterator[None]:
+    """The dense model behaving as the pruned one: dropped inputs of each output projection are
+    zeroed by a hook and reconstructed weights sit in the kept columns. For tests and checks."""
+    weights = weights or {}
+    handles, saved = [], []
+    for (i, kind), mask in masks.keep.items():
+        module = adapter.output_projection(i, kind)
+        width = adapter.geometry(i).width(kind)
+        column_mask = mask.repeat_interleave(width)
+        handles.append(module.register_forward_pre_hook(lambda _m, args, cm=column_mask: (args[0] * cm.to(args[0].dtype),)))
+        rec = weights.get((i, kind))
+        if rec is not None:
+            saved.append((module, L.weight_of(module).detach().clone(), None if module.bias is None else module.bias.detach().clone()))
+            full = torch.zeros_like(L.weight_of(module))
+            full[:, column_mask] = rec.weight.to(full.dtype)
+            L.assign(module, full, rec.bias)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, weight, bias in saved:
+            L.assign(module, weight, bias)
+
+
+def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, record: dict | None = None) -> None:
+    """Write weights (safetensors), config with per-layer sizes, tokenizer and gfprune.json."""
+    out_dir = Path(out_dir)
+    model.config.__setattr__(SIZES_KEY, adapter_for(model).sizes())
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    (out_dir / RECORD_FILE).write_text(json.dumps(record or {}, indent=2, default=str) + "\n")
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(str(path / shard)))
+        return state
+    return load_file(str(path / "model.safetensors"))
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a model saved by gfprune-ray: the ordinary transformers class, with narrower layers.
+
+    >>> model = load_pruned("runs/minilm-0.6")   # a BertModel; pipelines, generate, save_pretrained work
+    """
+    path = Path(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    sizes = getattr(config, SIZES_KEY, None)
+    architecture = (config.architectures or [None])[0]
+    model_class = getattr(transformers, architecture or "", None)
+    if model_class is None:
+        raise ValueError(f"{path}: config names no transformers architecture")
+    model = model_class(config)
+    if sizes is not None:
+        adapter_for(model).resize(sizes)
+    state = _state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded_storage = {p.data_ptr() for name, p in model.named_parameters() if name in state}
+    untied = [k for k in missing if model.get_parameter(k).data_ptr() not in loaded_storage] if missing else []
+    if untied or unexpected:
+        raise ValueError(f"{path}: weights do not fit the saved sizes (missing {untied}, unexpected {unexpected})")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random models of every supported family, built from configs (no hub)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers as T
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, max_position_embeddings=64)
+
+
+def _bert():
+    return T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, **COMMON))
+
+
+def _bert_cls():
+    config = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, num_labels=3, **COMMON)
+    return T.BertForSequenceClassification(config)
+
+
+def _roberta():
+    config = T.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                             vocab_size=VOCAB, max_position_embeddings=70, pad_token_id=1)
+    return T.RobertaForSequenceClassification(config)
+
+
+def _distilbert():
+    return T.DistilBertModel(T.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=48, **COMMON))
+
+
+def _gpt2():
+    config = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, vocab_size=VOCAB, n_positions=64,
+                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return T.GPT2LMHeadModel(config)
+
+
+def _opt():
+    config = T.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48, word_embed_proj_dim=32,
+                         bos_token_id=0, eos_token_id=2, pad_token_id=1, **COMMON)
+    return T.OPTForCausalLM(config)
+
+
+def _llama():
+    config = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=48, bos_token_id=0, eos_token_id=2, pad_token_id=1, **COMMON)
+    return T.LlamaForCausalLM(config)
+
+
+def _qwen2():
+    config = T.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=48, bos_token_id=0, eos_token_id=2, pad_token_id=1, **COMMON)
+    return T.Qwen2ForCausalLM(config)
+
+
+def _mistral():
+    config = T.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                             intermediate_size=48, bos_token_id=0, eos_token_id=2, pad_token_id=1, sliding_window=None, **COMMON)
+    return T.MistralForCausalLM(config)
+
+
+TINY = {
+    "bert": _bert,
+    "bert-cls": _bert_cls,
+    "roberta-cls": _roberta,
+    "distilbert": _distilbert,
+    "gpt2": _gpt2,
+    "opt": _opt,
+    "llama": _llama,
+    "qwen2": _qwen2,
+    "mistral": _mistral,
+}
+
+
+def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = TINY[name]()
+    # random init leaves biases at zero; give them values so that bias handling is exercised
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.02)
+    return model.eval()
+
+
+def tiny_batches(n_batches: int = 3, batch: int = 4, seq: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Random token batches with some right padding, so that padding masks matter."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+        lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=g)
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        out.append({"input_ids": ids * mask + (1 - mask), "attention_mask": mask})
+    return out
+
+
+@pytest.fixture(params=sorted(TINY))
+def family(request) -> str:
+    return request.param
