@@ -56,8 +56,8 @@ def _augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 def relative_error(dense: torch.Tensor, pruned: torch.Tensor, moment: torch.Tensor) -> float:
     """E|(dense - pruned) x|^2 / E|dense x|^2 for (augmented) weight matrices over the full input."""
     delta = dense - pruned
-    energy = torch.einsum("ij,jk,ik->", dense, moment, dense)
-    return float(torch.einsum("ij,jk,ik->", delta, moment, delta) / energy.clamp(min=1e-300))
+    energy = ((dense @ moment) * dense).sum()
+    return float(((delta @ moment) * delta).sum() / energy.clamp(min=1e-300))
 
 
 def _embed(dense: torch.Tensor, kept: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

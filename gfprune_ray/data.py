@@ -1,0 +1,178 @@
+"""Text input: files (text, JSONL, Parquet, or folders of them), the bundled corpus, hub datasets;
+split into disjoint calibration and evaluation examples; tokenized into padded batches.
+
+The bundled corpus `pydoc` is the English prose every CPython ships in `pydoc_data.topics` (the
+language reference topics), split into paragraphs: real text that needs no download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+BUNDLED = "pydoc"
+TEXT_SUFFIXES = {".txt", ".text"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+PARQUET_SUFFIXES = {".parquet"}
+MIN_PARAGRAPH_CHARS = 80
+
+
+@dataclass
+class Examples:
+    texts: list[str]
+    labels: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: list[int]) -> Examples:
+        return Examples([self.texts[i] for i in idx], None if self.labels is None else [self.labels[i] for i in idx])
+
+
+def pydoc_paragraphs() -> list[str]:
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for name in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[name]):
+            text = " ".join(block.split())
+            if len(text) >= MIN_PARAGRAPH_CHARS:
+                paragraphs.append(text)
+    return paragraphs
+
+
+def _read_text_file(path: Path) -> Examples:
+    try:
+        content = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    return Examples([line.strip() for line in content.splitlines() if line.strip()])
+
+
+def _from_records(records: list[dict], where: str) -> Examples:
+    texts, labels = [], []
+    for n, record in enumerate(records, 1):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f"{where}: record {n} has no string field 'text'")
+        if record["text"].strip():
+            texts.append(record["text"].strip())
+            labels.append(record.get("label"))
+    has_labels = labels and all(isinstance(x, int) for x in labels)
+    return Examples(texts, labels if has_labels else None)
+
+
+def _read_jsonl(path: Path) -> Examples:
+    records = []
+    text = _read_text_file(path).texts
+    for n, line in enumerate(text, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    return _from_records(records, str(path))
+
+
+def _read_parquet(path: Path) -> Examples:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several error types for unreadable files
+        raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
+    if "text" not in table.column_names:
+        raise UserError(f"{path}: Parquet file has no 'text' column (columns: {', '.join(table.column_names)})")
+    return _from_records(table.select([c for c in ("text", "label") if c in table.column_names]).to_pylist(), str(path))
+
+
+def _read_file(path: Path) -> Examples:
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        return _read_jsonl(path)
+    if suffix in PARQUET_SUFFIXES:
+        return _read_parquet(path)
+    return _read_text_file(path)
+
+
+def _read_hub(name: str) -> Examples:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split="train")
+    except Exception as exc:  # no network, unknown name: one line for the user
+        raise UserError(f"data not found: {name!r} is neither a file nor a loadable dataset ({type(exc).__name__})") from None
+    if "text" not in dataset.column_names:
+        raise UserError(f"dataset {name!r} has no 'text' column")
+    return _from_records(dataset.select_columns([c for c in ("text", "label") if c in dataset.column_names]).to_list(), name)
+
+
+def read_examples(source: str) -> Examples:
+    """All examples of a data source: `pydoc`, a file, a folder of files, or a hub dataset name."""
+    if source == BUNDLED:
+        examples = Examples(pydoc_paragraphs())
+    else:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES)
+            parts = [_read_file(p) for p in files]
+            texts = [t for p in parts for t in p.texts]
+            labels = [x for p in parts for x in p.labels] if parts and all(p.labels for p in parts) else None
+            examples = Examples(texts, labels)
+        elif path.exists():
+            examples = _read_file(path)
+        elif path.suffix or source.startswith((".", "/", "~")):
+            raise UserError(f"data not found: {source}")
+        else:
+            examples = _read_hub(source)
+    if not examples.texts:
+        raise UserError(f"{source}: no text examples")
+    return examples
+
+
+def split_examples(examples: Examples, calibration: int, evaluation: int, seed: int) -> tuple[Examples, Examples]:
+    """Disjoint, seeded calibration and evaluation examples."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    if len(order) < 2:
+        raise UserError(f"need at least 2 examples to split calibration from evaluation, got {len(order)}")
+    n_eval = min(evaluation, len(order) // 2)
+    n_calib = min(calibration, len(order) - n_eval)
+    return examples.subset(order[n_eval : n_eval + n_calib]), examples.subset(order[:n_eval])
+
+
+def prepare_tokenizer(tokenizer):
+    """Decoders often have no pad token; batching needs one (padding is masked out anyway)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def tokenize(tokenizer, texts: list[str], seq_len: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of input_ids and attention_mask, truncated to seq_len tokens."""
+    prepare_tokenizer(tokenizer)
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start : start + batch_size], truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return batches
+
+
+def batches_fingerprint(batches: list[dict[str, torch.Tensor]]) -> str:
+    digest = hashlib.sha256()
+    for batch in batches:
+        ids = batch["input_ids"][batch["attention_mask"].bool()]
+        digest.update(ids.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def mean_tokens_per_sequence(batches: list[dict[str, torch.Tensor]]) -> float:
+    """The mean sequence length s of the FLOPs model."""
+    lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).to(torch.float64)
+    return float(lengths.mean())

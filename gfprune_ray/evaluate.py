@@ -1,0 +1,139 @@
+"""Measuring a pruned model against its dense original: quality, MACs, parameters, latency.
+
+Quality is reported per model kind and never folded into one easy number:
+- causal LMs: perplexity on held-out text (relative quality = dense ppl / pruned ppl);
+- encoders: fidelity, the mean cosine similarity of the pruned model's sentence embeddings
+  (mean pooling over non-padding tokens, L2-normalised) to the dense model's; and accuracy when
+  the model has a classification head and the data has labels.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .flops import model_macs
+from .models import Adapter
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@torch.inference_mode()
+def latency(model: nn.Module, batch_size: int, seq_len: int, repeats: int = 5) -> float:
+    """Median wall time (s) of one forward pass on random tokens, after one warm-up pass."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    model(input_ids=ids, attention_mask=mask)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, model.base_model_prefix, model)
+
+
+@torch.inference_mode()
+def sentence_embeddings(model: nn.Module, batches: list[dict], on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+    """Mean-pooled, L2-normalised last hidden states (the sentence-transformers recipe)."""
+    out = []
+    for batch in batches:
+        hidden = _base(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"][..., None].to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        if on_batch:
+            on_batch()
+    return torch.cat(out)
+
+
+def fidelity(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
+    """Mean cosine similarity between matching rows of two sets of normalised embeddings."""
+    return float((reference * embeddings).sum(-1).mean())
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, batches: list[dict], on_batch: Callable[[], None] | None = None) -> float:
+    """exp of the mean next-token cross-entropy over non-padding tokens."""
+    total, count = 0.0, 0
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((target != -100).sum())
+        if on_batch:
+            on_batch()
+    return float(torch.exp(torch.tensor(total / max(count, 1))))
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, batches: list[dict], labels: list[int]) -> float:
+    predictions = torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1) for b in batches])
+    return float((predictions == torch.tensor(labels)).double().mean())
+
+
+def has_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+class QualityReference:
+    """What the dense model scores on the evaluation batches, computed once and reused per prune."""
+
+    def __init__(self, dense: nn.Module, adapter: Adapter, batches: list[dict], labels: list[int] | None = None, on_batch=None):
+        self.causal = adapter.causal
+        self.batches = batches
+        self.labels = labels if labels is not None and has_classifier(dense) else None
+        if self.causal:
+            self.dense_value = perplexity(dense, batches, on_batch)
+        else:
+            self.embeddings = sentence_embeddings(dense, batches, on_batch)
+            self.dense_value = 1.0
+        self.dense_accuracy = accuracy(dense, batches, self.labels) if self.labels is not None else None
+
+    def measure(self, model: nn.Module, on_batch=None) -> dict:
+        """Quality of `model` next to the dense model's, as a flat dict of metrics."""
+        if self.causal:
+            ppl = perplexity(model, self.batches, on_batch)
+            result = {"quality_metric": "perplexity", "perplexity": ppl, "dense_perplexity": self.dense_value, "relative_quality": self.dense_value / ppl}
+        else:
+            value = fidelity(self.embeddings, sentence_embeddings(model, self.batches, on_batch))
+            result = {"quality_metric": "fidelity", "fidelity": value, "relative_quality": value}
+        if self.labels is not None:
+            result["accuracy"] = accuracy(model, self.batches, self.labels)
+            result["dense_accuracy"] = self.dense_accuracy
+        return result
+
+
+def efficiency(dense_adapter: Adapter, pruned_adapter: Adapter, seq_len: int = 128, batch_sizes=(1, 32), repeats: int = 5) -> dict:
+    """MACs, parameters and measured latency of dense and pruned, with the ideal speedup beside it."""
+    dense_macs = model_macs(dense_adapter, seq_len)
+    pruned_macs = model_macs(pruned_adapter, seq_len)
+    result = {
+        "dense_macs": dense_macs,
+        "macs": pruned_macs,
+        "macs_ratio": pruned_macs / dense_macs,
+        "ideal_speedup": dense_macs / pruned_macs,
+        "dense_params": count_params(dense_adapter.model),
+        "params": count_params(pruned_adapter.model),
+        "latency_seq_len": seq_len,
+    }
+    for b in batch_sizes:
+        t_dense = latency(dense_adapter.model, b, seq_len, repeats)
+        t_pruned = latency(pruned_adapter.model, b, seq_len, repeats)
+        result[f"latency_b{b}_dense_s"] = t_dense
+        result[f"latency_b{b}_s"] = t_pruned
+        result[f"speedup_b{b}"] = t_dense / t_pruned
+        result[f"speedup_b{b}_vs_ideal"] = (t_dense / t_pruned) / result["ideal_speedup"]
+    return result

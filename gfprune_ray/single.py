@@ -1,0 +1,176 @@
+"""One model, one budget, on this machine: what `gfprune-ray prune` and `eval` run.
+
+This is the I/O shell around the pure pipeline: load the model and data, reuse or collect the
+statistics, plan, cut, measure, save. The output folder is written under a temporary name and
+renamed at the end, so a failed run never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import __version__
+from .data import batches_fingerprint, mean_tokens_per_sequence, read_examples, split_examples, tokenize
+from .errors import UserError
+from .evaluate import QualityReference, efficiency
+from .flops import check_budget
+from .loading import load_model
+from .methods import METHODS
+from .models import adapter_for
+from .pipeline import Calibration, calibrate, plan
+from .progress import bar
+from .reconstruct import MODES
+from .search import SEARCHES
+from .stats import load_stats, save_stats, stats_fingerprint, weights_fingerprint
+from .surgery import RECORD_FILE, apply_pruning, load_pruned, save_pruned
+
+
+@dataclass
+class PruneOptions:
+    budget: float = 0.6
+    method: str = "gfp"
+    reconstruction: str = "full"
+    allocation: str = "global"
+    samples: int = 256
+    eval_samples: int = 256
+    seq_len: int = 128
+    batch_size: int = 32
+    seed: int = 0
+    latency_repeats: int = 5
+
+    def validate(self) -> PruneOptions:
+        try:
+            check_budget(self.budget)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        for name, value, allowed in (
+            ("method", self.method, METHODS),
+            ("reconstruction", self.reconstruction, MODES),
+            ("allocation", self.allocation, SEARCHES),
+        ):
+            if value not in allowed:
+                raise UserError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
+        for name in ("samples", "eval_samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        return self
+
+
+@contextmanager
+def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to `out`; move it to `out` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UserError(f"output exists and is not empty: {out} (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(staging, out)
+
+
+def prepare_batches(tokenizer, data: str, opts: PruneOptions):
+    """Calibration and evaluation batches from disjoint, seeded examples, and the eval labels."""
+    examples = read_examples(data)
+    calib, evaluation = split_examples(examples, opts.samples, opts.eval_samples, opts.seed)
+    calib_batches = tokenize(tokenizer, calib.texts, opts.seq_len, opts.batch_size)
+    eval_batches = tokenize(tokenizer, evaluation.texts, opts.seq_len, opts.batch_size)
+    return calib_batches, eval_batches, evaluation.labels
+
+
+def obtain_statistics(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | None) -> tuple[Calibration, str, bool]:
+    """Load statistics from `stats_path` when it exists (refusing a foreign file), else collect
+    them (and save them there). Returns (calibration, fingerprint, reused)."""
+    fingerprint = stats_fingerprint(weights_fingerprint(adapter.model), batches_fingerprint(batches), opts.seq_len, opts.samples)
+    seq_len = mean_tokens_per_sequence(batches)
+    if stats_path is not None and Path(stats_path).exists():
+        parts = load_stats(stats_path, fingerprint, adapter)
+        return Calibration(parts["fit"], parts["heldout"], seq_len), fingerprint, True
+    with bar("collect", len(batches)) as step:
+        calibration = calibrate(adapter, batches, seq_len, on_batch=step)
+    calibration.fit.fingerprint = calibration.heldout.fingerprint = fingerprint
+    if stats_path is not None:
+        save_stats({"fit": calibration.fit, "heldout": calibration.heldout}, stats_path)
+    return calibration, fingerprint, False
+
+
+def measure(dense_adapter, pruned_adapter, reference: QualityReference, opts: PruneOptions) -> dict:
+    with bar("evaluate", len(reference.batches)) as step:
+        quality = reference.measure(pruned_adapter.model, on_batch=step)
+    return quality | efficiency(dense_adapter, pruned_adapter, repeats=opts.latency_repeats)
+
+
+def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_path: Path | None = None, force: bool = False) -> dict:
+    """Prune one model to one budget and save it to `out`; returns the report (also in gfprune.json)."""
+    opts.validate()
+    timings = {}
+    with staged_output(out, force) as staging:
+        model, tokenizer = load_model(source)
+        adapter = adapter_for(model)
+        calib_batches, eval_batches, labels = prepare_batches(tokenizer, data, opts)
+        start = time.perf_counter()
+        calibration, fingerprint, reused = obtain_statistics(adapter, calib_batches, opts, stats_path)
+        timings["collect_s"] = time.perf_counter() - start
+        result = plan(adapter, calibration, opts.budget, opts.method, opts.reconstruction, opts.allocation, opts.seed)
+        timings.update(result.timings)
+        dense = adapter_for(copy.deepcopy(model))
+        with bar("reference", len(eval_batches)) as step:
+            reference = QualityReference(dense.model, dense, eval_batches, labels, on_batch=step)
+        start = time.perf_counter()
+        apply_pruning(adapter, result.masks, result.weights)
+        timings["surgery_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics = measure(dense, adapter, reference, opts)
+        timings["evaluate_s"] = time.perf_counter() - start
+        report = {
+            "gfprune_ray": __version__,
+            "source": source,
+            "data": data,
+            "options": asdict(opts),
+            "stats_fingerprint": fingerprint,
+            "stats_reused": reused,
+            "calibration_tokens": calibration.total.tokens,
+            "mean_seq_len": calibration.seq_len,
+            "metrics": metrics | result.summary(),
+            "timings": timings,
+            "sizes": adapter.sizes(),
+            "masks": result.masks.to_json(),
+        }
+        save_pruned(model, staging, tokenizer, report)
+    return report
+
+
+def evaluate_saved(path: Path, data: str, opts: PruneOptions, dense_source: str | None = None) -> dict:
+    """Measure a saved pruned model against its dense source on `data`; writes eval.json beside it."""
+    path = Path(path)
+    record_file = path / RECORD_FILE
+    if not record_file.exists():
+        raise UserError(f"not a gfprune-ray output folder (no {RECORD_FILE}): {path}")
+    record = json.loads(record_file.read_text())
+    dense_model, tokenizer = load_model(dense_source or record["source"])
+    pruned = load_pruned(path)
+    _, eval_batches, labels = prepare_batches(tokenizer, data, opts)
+    dense = adapter_for(dense_model)
+    with bar("reference", len(eval_batches)) as step:
+        reference = QualityReference(dense_model, dense, eval_batches, labels, on_batch=step)
+    metrics = measure(dense, adapter_for(pruned), reference, opts)
+    report = {"model": str(path), "dense": dense_source or record["source"], "data": data, "metrics": metrics}
+    tmp = path / "eval.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path / "eval.json")
+    return report
