@@ -116,8 +116,20 @@ class QualityReference:
         return result
 
 
-def efficiency(dense_adapter: Adapter, pruned_adapter: Adapter, seq_len: int = 128, batch_sizes=(1, 32), repeats: int = 5) -> dict:
-    """MACs, parameters and measured latency of dense and pruned, with the ideal speedup beside it."""
+def latencies(model: nn.Module, seq_len: int = 128, batch_sizes=(1, 32), repeats: int = 5) -> dict[int, float]:
+    return {b: latency(model, b, seq_len, repeats) for b in batch_sizes}
+
+
+def efficiency(
+    dense_adapter: Adapter,
+    pruned_adapter: Adapter,
+    seq_len: int = 128,
+    batch_sizes=(1, 32),
+    repeats: int = 5,
+    dense_latency: dict[int, float] | None = None,
+) -> dict:
+    """MACs, parameters and measured latency of dense and pruned, with the ideal speedup beside it.
+    `dense_latency` (from `latencies`) saves re-timing the dense model when it serves many prunes."""
     dense_macs = model_macs(dense_adapter, seq_len)
     pruned_macs = model_macs(pruned_adapter, seq_len)
     result = {
@@ -129,9 +141,10 @@ def efficiency(dense_adapter: Adapter, pruned_adapter: Adapter, seq_len: int = 1
         "params": count_params(pruned_adapter.model),
         "latency_seq_len": seq_len,
     }
-    for b in batch_sizes:
-        t_dense = latency(dense_adapter.model, b, seq_len, repeats)
-        t_pruned = latency(pruned_adapter.model, b, seq_len, repeats)
+    if dense_latency is None:
+        dense_latency = latencies(dense_adapter.model, seq_len, batch_sizes, repeats)
+    for b, t_pruned in latencies(pruned_adapter.model, seq_len, batch_sizes, repeats).items():
+        t_dense = dense_latency[b]
         result[f"latency_b{b}_dense_s"] = t_dense
         result[f"latency_b{b}_s"] = t_pruned
         result[f"speedup_b{b}"] = t_dense / t_pruned
