@@ -61,11 +61,29 @@ def model_macs(adapter: Adapter, seq_len: int) -> float:
     return seq_len * prunable_macs(adapter.geometries(), seq_len) + other_macs(adapter, seq_len)
 
 
+def _sdpa_macs_mapping() -> dict:
+    """FlopCounterMode has no formula for the fused CPU attention kernel that SDPA picks on CPU
+    (`_scaled_dot_product_flash_attention_for_cpu`), so it would count attention scores and the
+    weighted sum as zero. Give that kernel the formula torch uses for the GPU SDPA kernels."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return {}
+
+    def formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {op: formula}
+
+
 def counted_macs(model: nn.Module, input_ids: torch.Tensor) -> float:
-    """MACs that torch's FlopCounterMode counts for one forward pass (it reports 2 FLOPs per MAC)."""
+    """MACs that torch's FlopCounterMode counts for one forward pass (it reports 2 FLOPs per MAC).
+
+    Like torch's own SDPA formulas (and like `unit_macs`), causal attention is counted in full."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_sdpa_macs_mapping())
     with counter, torch.inference_mode():
         model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
     return counter.get_total_flops() / 2

@@ -187,7 +187,10 @@ def load_stats(path: str | Path, fingerprint: str | None, adapter: Adapter | Non
             )
         parts: dict[str, dict] = {}
         for key in f.keys():
-            part, layer, kind, name = key.split("/")
+            fields = key.split("/")
+            if meta.get("format") != str(FORMAT_VERSION) or len(fields) != 4 or not fields[1].isdigit():
+                raise UserError(f"{path}: not a gfprune-ray statistics file (unexpected tensor {key!r})")
+            part, layer, kind, name = fields
             parts.setdefault(part, {}).setdefault((int(layer), kind), {})[name] = f.get_tensor(key)
     extra = {k.removeprefix("meta/"): json.loads(v) for k, v in meta.items() if k.startswith("meta/")}
     loaded = {

@@ -90,7 +90,12 @@ class ConstantOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         shape = (*hidden_states.shape[:-1], self.width)
-        out = hidden_states.new_zeros(shape) if self.bias is None else self.bias.to(hidden_states.dtype).expand(shape)
+        out = hidden_states.new_zeros(shape)
+        if self.bias is not None:
+            # a new tensor, not an expanded view of the parameter: under inference_mode a view would
+            # still claim requires_grad (with no grad_fn), which breaks module hooks such as
+            # FlopCounterMode's, and an in-place op downstream could write into the shared bias
+            out = out + self.bias.to(hidden_states.dtype)
         cache = kwargs.get("past_key_values")
         if cache is not None and self.layer_idx is not None:
             empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], 1)

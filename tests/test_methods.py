@@ -1,0 +1,189 @@
+"""Scoring methods: KCM behaves as described, every method gives sane scores, baselines are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_batches, tiny_model
+from gfprune_ray.methods import METHODS
+from gfprune_ray.methods.gfp import kcm_self_weights
+from gfprune_ray.models import adapter_for
+from gfprune_ray.models import layers as L
+from gfprune_ray.pipeline import calibrate, score_sites, site_generator
+from gfprune_ray.stats import collect_stats
+
+
+# ---- KCM -------------------------------------------------------------------------------------
+
+
+def test_kcm_duplicated_point_weighs_less_than_an_isolated_one():
+    g = torch.Generator().manual_seed(0)
+    copies = 1e-3 * torch.randn(20, 4, generator=g)  # 20 near-identical points at the origin
+    isolated = torch.full((1, 4), 5.0)  # far from everything (kernel value ~ e^-100)
+    weights = kcm_self_weights(torch.cat([copies, isolated]))
+    assert weights.shape == (21,)
+    assert torch.isfinite(weights).all() and (weights >= 0).all()
+    assert weights[20] > 5 * weights[:20].max()
+    # each copy can be stood in for by the other 19: its own weight is about 1/20, the isolated
+    # point has nobody to stand in for it and keeps a weight near 1
+    assert weights[:20].max() < 0.1
+    assert weights[20] > 0.9
+
+
+def test_kcm_point_in_a_pair_weighs_less_than_a_lone_point():
+    g = torch.Generator().manual_seed(1)
+    spread = 3.0 * torch.eye(6)  # six points, pairwise far apart
+    points = torch.cat([spread, spread[:1] + 1e-3 * torch.randn(1, 6, generator=g)])  # point 0 gets a twin
+    weights = kcm_self_weights(points)
+    assert weights[0] < weights[1:6].min() and weights[6] < weights[1:6].min()
+
+
+# ---- every method on every family ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            adapter = adapter_for(tiny_model(family))
+            calibration = calibrate(adapter, tiny_batches(n_batches=5), seq_len=10.0)
+            cache[family] = (adapter, calibration)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_gives_finite_nonnegative_scores(family, method, calibrated):
+    adapter, calibration = calibrated(family)
+    scores = score_sites(adapter, calibration.total, method, seed=0)
+    geoms = adapter.geometries()
+    expected_sites = {(i, k) for i, g in enumerate(geoms) for k in ("attn", "ffn") if g.count(k)}
+    assert set(scores) == expected_sites
+    assert {k for (_, k) in scores} == {"attn", "ffn"}
+    for (i, kind), s in scores.items():
+        assert s.ndim == 1 and s.shape[0] == geoms[i].count(kind), (i, kind, s.shape)
+        assert torch.isfinite(s).all(), (i, kind)
+        assert (s >= 0).all(), (i, kind)
+        if method != "gfp-r2" or geoms[i].count(kind) > 1:
+            assert s.max() > 0, (i, kind)  # not all zero: the scores carry information
+
+
+def test_random_scores_are_deterministic_per_seed():
+    adapter = adapter_for(tiny_model("llama"))
+    stats = collect_stats(adapter, tiny_batches(2))
+    a = score_sites(adapter, stats, "random", seed=0)
+    b = score_sites(adapter, stats, "random", seed=0)
+    c = score_sites(adapter, stats, "random", seed=1)
+    for site in a:
+        assert torch.equal(a[site], b[site])
+    assert any(not torch.equal(a[site], c[site]) for site in a)
+    assert all(not torch.equal(a[site], c[site]) for site in a if len(a[site]) > 1)
+    # sites draw from their own generators: equal-sized sites do not get the same numbers
+    assert not torch.equal(a[(0, "ffn")], a[(1, "ffn")])
+    # and a site's numbers do not depend on which other sites are scored, or in which order
+    first = torch.rand(5, generator=site_generator(0, (1, "ffn")))
+    again = torch.rand(5, generator=site_generator(0, (1, "ffn")))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, torch.rand(5, generator=site_generator(1, (1, "ffn"))))
+
+
+def test_non_random_methods_ignore_the_seed():
+    adapter = adapter_for(tiny_model("bert"))
+    stats = collect_stats(adapter, tiny_batches(2))
+    for method in ("gfp", "fluctuation", "magnitude"):
+        a = score_sites(adapter, stats, method, seed=0)
+        b = score_sites(adapter, stats, method, seed=5)
+        for site in a:
+            assert torch.equal(a[site], b[site]), (method, site)
+
+
+# ---- baselines and D2 against activations captured directly -----------------------------------
+
+
+def _captured_inputs(adapter, batches, layer, kind):
+    """Inputs of a site's output projection over the non-padding tokens, captured by our own hook."""
+    captured = []
+    module = adapter.output_projection(layer, kind)
+
+    def hook(_module, args):
+        x = args[0]
+        captured.append(x.reshape(-1, x.shape[-1]).detach().to(torch.float64))
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                adapter.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    finally:
+        handle.remove()
+    mask = torch.cat([b["attention_mask"].bool().flatten() for b in batches])
+    return torch.cat(captured)[mask], L.weight_of(module).detach().to(torch.float64)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "opt", "llama"])
+def test_fluctuation_of_a_neuron_is_variance_times_column_norm(name):
+    adapter = adapter_for(tiny_model(name))
+    batches = tiny_batches(n_batches=3, seed=4)
+    stats = collect_stats(adapter, batches)
+    scores = score_sites(adapter, stats, "fluctuation")
+    for layer in range(adapter.num_layers):
+        acts, w2 = _captured_inputs(adapter, batches, layer, "ffn")
+        assert acts.shape[0] == sum(int(b["attention_mask"].sum()) for b in batches)
+        expected = acts.var(0, unbiased=False) * w2.pow(2).sum(0)
+        torch.testing.assert_close(scores[(layer, "ffn")], expected, rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_fluctuation_and_d2_of_a_head_are_output_variance_and_energy(name):
+    adapter = adapter_for(tiny_model(name))
+    batches = tiny_batches(n_batches=3, seed=5)
+    stats = collect_stats(adapter, batches)
+    fluctuation = score_sites(adapter, stats, "fluctuation")
+    d2 = score_sites(adapter, stats, "gfp-d2")
+    for layer in range(adapter.num_layers):
+        geom = adapter.geometry(layer)
+        context, o = _captured_inputs(adapter, batches, layer, "attn")
+        width = geom.unit_width
+        variance, energy = [], []
+        for u in range(geom.units):
+            cols = slice(u * width, (u + 1) * width)
+            out = context[:, cols] @ o[:, cols].T  # what the unit writes into the residual stream
+            variance.append(out.var(0, unbiased=False).sum())
+            energy.append(out.pow(2).sum(1).mean())
+        torch.testing.assert_close(fluctuation[(layer, "attn")], torch.stack(variance), rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(d2[(layer, "attn")], torch.stack(energy), rtol=1e-4, atol=1e-10)
+        # and for neurons D2 = E[a_i^2] |W2[:, i]|^2
+        acts, w2 = _captured_inputs(adapter, batches, layer, "ffn")
+        torch.testing.assert_close(d2[(layer, "ffn")], acts.pow(2).mean(0) * w2.pow(2).sum(0), rtol=1e-4, atol=1e-10)
+
+
+def test_magnitude_is_squared_norm_of_the_units_weights():
+    adapter = adapter_for(tiny_model("bert"))
+    stats = collect_stats(adapter, tiny_batches(1))
+    scores = score_sites(adapter, stats, "magnitude")
+    layer = adapter.layers()[0]
+    w1 = layer.intermediate.dense.weight.detach().to(torch.float64)
+    w2 = layer.output.dense.weight.detach().to(torch.float64)
+    torch.testing.assert_close(scores[(0, "ffn")], w1.pow(2).sum(1) + w2.pow(2).sum(0))
+    q, k, v = (getattr(layer.attention.self, n).weight.detach().to(torch.float64) for n in ("query", "key", "value"))
+    o = layer.attention.output.dense.weight.detach().to(torch.float64)
+    expected = torch.stack([
+        sum(m[h * 8:(h + 1) * 8].pow(2).sum() for m in (q, k, v)) + o[:, h * 8:(h + 1) * 8].pow(2).sum()
+        for h in range(4)
+    ])
+    torch.testing.assert_close(scores[(0, "attn")], expected)
+
+
+def test_gfp_is_r2_times_d2():
+    adapter = adapter_for(tiny_model("llama"))
+    stats = collect_stats(adapter, tiny_batches(2))
+    gfp = score_sites(adapter, stats, "gfp")
+    d2 = score_sites(adapter, stats, "gfp-d2")
+    for site in gfp:
+        ratio = gfp[site] / d2[site]  # R2, scaled to a maximum of 1 within the site
+        assert ratio.max() == pytest.approx(1.0, rel=1e-9)
+        assert (ratio > 0).all() and (ratio <= 1 + 1e-12).all()
