@@ -66,13 +66,28 @@ def _embed(dense: torch.Tensor, kept: torch.Tensor, cols: torch.Tensor) -> torch
     return full
 
 
-def _ridge_fit(dense: torch.Tensor, moment: torch.Tensor, cols: torch.Tensor, lam: float, ridged: torch.Tensor) -> torch.Tensor:
-    """(W M[:, S] + W_S Lam) (M[S, S] + Lam)^-1 with Lam = lam * mean diag(M[S, S]) on ridged columns."""
-    block = moment[cols][:, cols]
-    scale = block.diagonal()[ridged].mean() if ridged.any() else torch.tensor(1.0, dtype=block.dtype)
-    ridge = torch.diag(ridged.to(block.dtype) * lam * scale)
-    rhs = dense @ moment[:, cols] + dense[:, cols] @ ridge
-    return torch.linalg.solve(block + ridge, rhs.T).T  # the system is symmetric
+class _Quadratic:
+    """E|D x - K x_S|^2 as a function of the kept weights K, for one input moment M = E[x x^T].
+
+    Precomputes D M[:, S] and M[S, S], so each candidate ridge costs d |S|^2, not d k^2."""
+
+    def __init__(self, dense: torch.Tensor, moment: torch.Tensor, cols: torch.Tensor):
+        self.dense_s = dense[:, cols]
+        self.dm_s = dense @ moment[:, cols]
+        self.m_ss = moment[cols][:, cols]
+        self.energy = ((dense @ moment) * dense).sum().clamp(min=1e-300)
+
+    def relative_error(self, kept: torch.Tensor) -> float:
+        cross = (kept * self.dm_s).sum()
+        return float((self.energy - 2 * cross + ((kept @ self.m_ss) * kept).sum()) / self.energy)
+
+    def ridge_fit(self, lam: float, ridged: torch.Tensor) -> torch.Tensor:
+        """(W M[:, S] + W_S Lam) (M[S, S] + Lam)^-1 with Lam = lam * mean diag(M[S, S]) on ridged columns."""
+        diag = self.m_ss.diagonal()
+        scale = diag[ridged].mean() if ridged.any() else torch.tensor(1.0, dtype=diag.dtype)
+        ridge = ridged.to(diag.dtype) * lam * scale
+        rhs = self.dm_s + self.dense_s * ridge[None, :]
+        return torch.linalg.solve(self.m_ss + torch.diag(ridge), rhs.T).T  # the system is symmetric
 
 
 def _split(augmented: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -86,13 +101,13 @@ def reconstruct_full(weight, bias, keep_cols, fit: GramStats, heldout: GramStats
     ridged = torch.ones(len(cols), dtype=torch.bool)
     if has_bias:
         ridged[-1] = False
-    m_fit, m_held = _moment(fit, has_bias), _moment(heldout, has_bias)
-    none_error = relative_error(dense, _embed(dense, dense[:, cols], cols), m_held)
-    errors = {lam: relative_error(dense, _embed(dense, _ridge_fit(dense, m_fit, cols, lam, ridged), cols), m_held) for lam in LAMBDAS}
+    on_fit = _Quadratic(dense, _moment(fit, has_bias), cols)
+    on_heldout = _Quadratic(dense, _moment(heldout, has_bias), cols)
+    errors = {lam: on_heldout.relative_error(on_fit.ridge_fit(lam, ridged)) for lam in LAMBDAS}
     best = min(errors, key=errors.get)
-    refit = _ridge_fit(dense, _moment(fit + heldout, has_bias), cols, best, ridged)
+    refit = _Quadratic(dense, _moment(fit + heldout, has_bias), cols).ridge_fit(best, ridged)
     w, b = _split(refit, has_bias)
-    return Reconstruction(w, b, best, errors[best], none_error)
+    return Reconstruction(w, b, best, errors[best], on_heldout.relative_error(dense[:, cols]))
 
 
 def _unit_scale_system(weight: torch.Tensor, moment: torch.Tensor, width: int) -> torch.Tensor:
