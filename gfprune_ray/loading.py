@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import transformers
@@ -50,17 +52,34 @@ def _model_class(config) -> type:
     return transformers.AutoModel
 
 
+@contextmanager
+def _quiet_local_load(local: bool) -> Iterator[None]:
+    """No transformers progress bar while loading from a local folder (nothing to download; the
+    CLI draws its own bars, and a failing command must print nothing but its one-line error)."""
+    from transformers.utils import logging as hf_logging
+
+    if not local or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """(model, tokenizer) in eval mode. The class named in the config is kept, task heads included;
     models pruned by gfprune-ray load through `load_pruned`."""
     where = resolve_model(source)
     try:
-        config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-        if getattr(config, SIZES_KEY, None) is not None:
-            model = load_pruned(where)
-        else:
-            model = _model_class(config).from_pretrained(where, trust_remote_code=trust_remote_code)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        with _quiet_local_load(Path(where).is_dir()):
+            config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+            if getattr(config, SIZES_KEY, None) is not None:
+                model = load_pruned(where)
+            else:
+                model = _model_class(config).from_pretrained(where, trust_remote_code=trust_remote_code)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load model {source}: {first_line}") from None

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
-from .data import batches_fingerprint, mean_tokens_per_sequence, read_examples, split_examples, tokenize
+from .data import Examples, batches_fingerprint, mean_tokens_per_sequence, read_examples, split_examples, tokenize
 from .errors import UserError
 from .evaluate import QualityReference, efficiency
 from .flops import check_budget
@@ -84,9 +84,8 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
     os.replace(staging, out)
 
 
-def prepare_batches(tokenizer, data: str, opts: PruneOptions):
+def prepare_batches(tokenizer, examples: Examples, opts: PruneOptions):
     """Calibration and evaluation batches from disjoint, seeded examples, and the eval labels."""
-    examples = read_examples(data)
     calib, evaluation = split_examples(examples, opts.samples, opts.eval_samples, opts.seed)
     calib_batches = tokenize(tokenizer, calib.texts, opts.seq_len, opts.batch_size)
     eval_batches = tokenize(tokenizer, evaluation.texts, opts.seq_len, opts.batch_size)
@@ -109,10 +108,26 @@ def obtain_statistics(adapter, batches: list[dict], opts: PruneOptions, stats_pa
     return calibration, fingerprint, False
 
 
+LATENCY_SEQ_LEN = 128
+ROBERTA_STYLE = ("roberta", "xlm-roberta", "camembert")  # positions are numbered from pad_token_id + 1
+
+
+def latency_seq_len(model) -> int:
+    """Tokens per sequence for MACs and latency: 128, or fewer when the model's position table is shorter."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return LATENCY_SEQ_LEN
+    if getattr(config, "model_type", None) in ROBERTA_STYLE:
+        limit -= (config.pad_token_id or 0) + 1
+    return max(1, min(LATENCY_SEQ_LEN, limit))
+
+
 def measure(dense_adapter, pruned_adapter, reference: QualityReference, opts: PruneOptions) -> dict:
     with bar("evaluate", len(reference.batches)) as step:
         quality = reference.measure(pruned_adapter.model, on_batch=step)
-    return quality | efficiency(dense_adapter, pruned_adapter, repeats=opts.latency_repeats)
+    seq_len = latency_seq_len(dense_adapter.model)
+    return quality | efficiency(dense_adapter, pruned_adapter, seq_len=seq_len, repeats=opts.latency_repeats)
 
 
 def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_path: Path | None = None, force: bool = False) -> dict:
@@ -120,9 +135,10 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
     opts.validate()
     timings = {}
     with staged_output(out, force) as staging:
+        examples = read_examples(data)  # bad data fails here, before a model is loaded
         model, tokenizer = load_model(source)
         adapter = adapter_for(model)
-        calib_batches, eval_batches, labels = prepare_batches(tokenizer, data, opts)
+        calib_batches, eval_batches, labels = prepare_batches(tokenizer, examples, opts)
         start = time.perf_counter()
         calibration, fingerprint, reused = obtain_statistics(adapter, calib_batches, opts, stats_path)
         timings["collect_s"] = time.perf_counter() - start
@@ -162,9 +178,10 @@ def evaluate_saved(path: Path, data: str, opts: PruneOptions, dense_source: str 
     if not record_file.exists():
         raise UserError(f"not a gfprune-ray output folder (no {RECORD_FILE}): {path}")
     record = json.loads(record_file.read_text())
+    examples = read_examples(data)
     dense_model, tokenizer = load_model(dense_source or record["source"])
     pruned = load_pruned(path)
-    _, eval_batches, labels = prepare_batches(tokenizer, data, opts)
+    _, eval_batches, labels = prepare_batches(tokenizer, examples, opts)
     dense = adapter_for(dense_model)
     with bar("reference", len(eval_batches)) as step:
         reference = QualityReference(dense_model, dense, eval_batches, labels, on_batch=step)

@@ -1,0 +1,268 @@
+"""The real command line, run as a user runs it: `gfprune-ray` in a subprocess.
+
+Every run gets a tiny BERT saved to disk with a matching WordPiece tokenizer, so the whole path
+(load, read data, collect, plan, cut, evaluate, save) is the one a real model takes. Bad input must
+end with exactly one line on stderr that names the bad thing, exit code 2, and nothing left on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+from conftest import VOCAB, tiny_model
+from gfprune_ray import load_pruned
+from gfprune_ray.models import adapter_for
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
+SMALL = ["--samples", "20", "--eval-samples", "10", "--seq-len", "16", "--batch-size", "4", "--latency-repeats", "1"]
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).parent / "gfprune-ray"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gfprune_ray.cli"]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="200", NO_COLOR="1")
+    return subprocess.run([*_cli(), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def _tokenizer(folder: Path):
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(SPECIALS + WORDS) + "\n")
+    # transformers 5 builds the tokenizer from `vocab`; the old `vocab_file=` keyword is silently ignored
+    tokenizer = T.BertTokenizerFast(vocab=str(vocab))
+    assert len(tokenizer) == VOCAB, "the tokenizer must cover exactly the tiny model's vocabulary"
+    assert tokenizer.convert_tokens_to_ids("w7") == len(SPECIALS) + 7
+    return tokenizer
+
+
+def _save_model(folder: Path, seed: int, tokenizer) -> Path:
+    model = tiny_model("bert", seed=seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) for _ in range(n)]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Two tiny BERTs with the same shapes but different weights, 40 lines of text, and one
+    successful prune (with a statistics file) that several tests inspect."""
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = _tokenizer(root)
+    ns = type("Workspace", (), {})()
+    ns.root = root
+    ns.model_a = _save_model(root / "model_a", 0, tokenizer)
+    ns.model_b = _save_model(root / "model_b", 1, tokenizer)
+    ns.data = root / "data.txt"
+    ns.data.write_text("\n".join(_sentences(40)) + "\n")
+    ns.stats = root / "stats_a.safetensors"
+    ns.out = root / "pruned"
+    ns.prune = run_cli("prune", ns.model_a, "--out", ns.out, "--data", ns.data, "--budget", "0.6", "--stats", ns.stats, *SMALL)
+    return ns
+
+
+def _model_outputs(model, tokenizer_folder: Path, texts: list[str]) -> torch.Tensor:
+    tokenizer = T.AutoTokenizer.from_pretrained(tokenizer_folder)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    return hidden * enc["attention_mask"][..., None]
+
+
+# ---- success -----------------------------------------------------------------------------------
+
+
+def test_prune_writes_a_complete_output_folder(ws):
+    assert ws.prune.returncode == 0, ws.prune.stderr[-3000:]
+    assert "Traceback" not in ws.prune.stderr
+    assert "saved to" in ws.prune.stdout
+    out = ws.out
+    for name in ("model.safetensors", "config.json", "gfprune.json", "tokenizer_config.json", "tokenizer.json"):
+        assert (out / name).is_file(), f"{name} missing from {sorted(p.name for p in out.iterdir())}"
+    assert not [p.name for p in ws.root.iterdir() if ".partial" in p.name]
+    assert ws.stats.is_file()
+
+    config = json.loads((out / "config.json").read_text())
+    sizes = config["gfprune_sizes"]
+    assert len(sizes) == 2 and all(len(s) == 2 for s in sizes)
+    assert all(0 <= heads <= 4 and 0 <= ffn <= 48 for heads, ffn in sizes)
+    assert sum(h for h, _ in sizes) < 8 or sum(f for _, f in sizes) < 96, "budget 0.6 must remove something"
+
+    record = json.loads((out / "gfprune.json").read_text())
+    assert record["options"]["method"] == "gfp"
+    assert record["options"]["budget"] == 0.6
+    assert record["options"]["reconstruction"] == "full"
+    assert record["source"] == str(ws.model_a)
+    assert record["stats_reused"] is False
+    metrics = record["metrics"]
+    assert metrics["kept_prunable_macs"] <= 0.6 + 1e-9
+    assert 0 < metrics["macs_ratio"] < 1
+    assert metrics["params"] < metrics["dense_params"]
+    assert -1.0 <= metrics["fidelity"] <= 1.0 + 1e-6
+    # the masks are the record of what was cut: they agree with the saved per-layer sizes
+    masks = record["masks"]
+    for layer, (heads, ffn) in enumerate(sizes):
+        assert len(masks[f"{layer}.attn"]) == heads
+        assert len(masks[f"{layer}.ffn"]) == ffn
+        assert masks[f"{layer}.ffn"] == sorted(set(masks[f"{layer}.ffn"]))
+    assert metrics["heads_kept"] == sum(h for h, _ in sizes)
+    assert metrics["neurons_kept"] == sum(f for _, f in sizes)
+    assert record["sizes"] == sizes
+
+    model = load_pruned(out)
+    assert type(model).__name__ == "BertModel"
+    assert adapter_for(model).sizes() == sizes
+    hidden = _model_outputs(model, out, _sentences(3, seed=5))
+    assert torch.isfinite(hidden).all()
+
+
+def test_prune_reuses_its_statistics_file(ws, tmp_path):
+    assert ws.prune.returncode == 0, ws.prune.stderr[-3000:]
+    before = _digest(ws.stats)
+    out = tmp_path / "again"
+    result = run_cli("prune", ws.model_a, "--out", out, "--data", ws.data, "--budget", "0.6", "--stats", ws.stats, *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "gfprune.json").read_text())
+    first = json.loads((ws.out / "gfprune.json").read_text())
+    assert record["stats_reused"] is True
+    assert record["stats_fingerprint"] == first["stats_fingerprint"]
+    assert record["masks"] == first["masks"]
+    assert _digest(ws.stats) == before
+
+
+def test_eval_writes_eval_json(ws):
+    assert ws.prune.returncode == 0, ws.prune.stderr[-3000:]
+    result = run_cli("eval", ws.out, "--data", ws.data, *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((ws.out / "eval.json").read_text())
+    assert report["dense"] == str(ws.model_a)
+    metrics = report["metrics"]
+    for key in ("fidelity", "macs", "dense_macs", "params", "dense_params", "ideal_speedup", "latency_b1_s"):
+        assert key in metrics, key
+    # same split and seed as the prune: the reloaded model must score what the pruned one scored
+    pruned_metrics = json.loads((ws.out / "gfprune.json").read_text())["metrics"]
+    assert metrics["fidelity"] == pytest.approx(pruned_metrics["fidelity"], abs=1e-5)
+    assert metrics["macs"] == pruned_metrics["macs"]
+    assert metrics["params"] == pruned_metrics["params"]
+
+
+# ---- help --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--help"], ["prune", "eval", "Prune MODEL to a MACs budget", "Measure a pruned model"]),
+        (["prune", "--help"], ["model", "--out", "--data", "--budget", "--method", "--reconstruct", "--allocation",
+                               "--samples", "--eval-samples", "--seq-len", "--batch-size", "--seed", "--stats", "--force",
+                               "Fraction of the prunable MACs to keep", "full, scale or none", "gfp, gfp-r2", "pydoc"]),
+        (["eval", "--help"], ["path", "--data", "--dense", "--eval-samples", "--samples", "--seq-len", "--seed",
+                              "A folder written by", "Dense model to compare with"]),
+    ],
+    ids=["app", "prune", "eval"],
+)
+def test_help(args, expected):
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+    text = " ".join(result.stdout.split())  # undo line wrapping
+    for word in expected:
+        assert word.lower() in text.lower(), f"{word!r} not in `{' '.join(args)}` output"
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def _write(path: Path, content: bytes | str) -> Path:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+# each case: (arguments after `prune MODEL --out OUT`, as a function of (ws, tmp_path)), model, words the error must name
+BAD = {
+    "missing-model": (lambda ws, t: [], lambda ws, t: t / "no_such_model", lambda ws, t: ["no_such_model"]),
+    "empty-data": (lambda ws, t: ["--data", _write(t / "empty.txt", "\n  \n\n")], None, lambda ws, t: ["empty.txt"]),
+    "non-utf8-data": (lambda ws, t: ["--data", _write(t / "latin1.txt", "caf\xe9 w1 w2\n".encode("latin-1"))], None,
+                      lambda ws, t: ["latin1.txt", "UTF-8"]),
+    "missing-data": (lambda ws, t: ["--data", t / "nowhere.txt"], None, lambda ws, t: ["nowhere.txt"]),
+    "budget-0": (lambda ws, t: ["--budget", "0"], None, lambda ws, t: ["budget", "0"]),
+    "budget-1.5": (lambda ws, t: ["--budget", "1.5"], None, lambda ws, t: ["budget", "1.5"]),
+    "budget-negative": (lambda ws, t: ["--budget", "-1"], None, lambda ws, t: ["budget", "-1"]),
+    "unknown-method": (lambda ws, t: ["--method", "astrology"], None, lambda ws, t: ["method", "astrology"]),
+    "unknown-reconstruction": (lambda ws, t: ["--reconstruct", "guess"], None, lambda ws, t: ["reconstruction", "guess"]),
+    "foreign-stats": (lambda ws, t: ["--stats", ws.stats], lambda ws, t: ws.model_b, lambda ws, t: [ws.stats.name, "fingerprint"]),
+    "jsonl-without-text": (lambda ws, t: ["--data", _write(t / "records.jsonl", '{"content": "w1 w2 w3"}\n{"content": "w4"}\n')], None,
+                           lambda ws, t: ["records.jsonl", "text"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_fails_cleanly(ws, tmp_path, case):
+    if case == "foreign-stats":
+        assert ws.prune.returncode == 0, ws.prune.stderr[-3000:]  # it needs the stats file of that run
+    extra, model, names = BAD[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    args = [*(extra(ws, work))]
+    if "--data" not in args:
+        args += ["--data", ws.data]
+    stats_before = _digest(ws.stats)
+    result = run_cli("prune", model(ws, work) if model else ws.model_a, "--out", out, *args, *SMALL)
+
+    assert result.returncode == 2, f"exit {result.returncode}; stderr:\n{result.stderr[-3000:]}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr[-3000:]}"
+    assert lines[0].startswith("error: ")
+    for name in names(ws, work):
+        assert name in lines[0], f"{name!r} not named in {lines[0]!r}"
+    assert not out.exists(), "a failed run left its output folder"
+    leftovers = sorted(p.name for p in work.iterdir() if p.name.startswith("."))
+    assert not leftovers, f"a failed run left {leftovers}"
+    assert _digest(ws.stats) == stats_before, "a refused statistics file must not be touched"
+
+
+def test_existing_output_is_refused_without_force(ws, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = run_cli("prune", ws.model_a, "--out", out, "--data", ws.data, *SMALL)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error: ") and str(out) in lines[0] and "--force" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_force_replaces_existing_output(ws, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("stale")
+    result = run_cli("prune", ws.model_a, "--out", out, "--data", ws.data, "--force", "--reconstruct", "none", *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / "old.txt").exists()
+    assert json.loads((out / "gfprune.json").read_text())["options"]["reconstruction"] == "none"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
