@@ -105,9 +105,12 @@ def reconstruct_full(weight, bias, keep_cols, fit: GramStats, heldout: GramStats
     on_heldout = _Quadratic(dense, _moment(heldout, has_bias), cols)
     errors = {lam: on_heldout.relative_error(on_fit.ridge_fit(lam, ridged)) for lam in LAMBDAS}
     best = min(errors, key=errors.get)
+    none_error = on_heldout.relative_error(dense[:, cols])
+    if errors[best] >= none_error:  # no ridge beats the original weights on held-out tokens
+        return Reconstruction(weight[:, keep_cols].to(torch.float64), bias, None, none_error, none_error)
     refit = _Quadratic(dense, _moment(fit + heldout, has_bias), cols).ridge_fit(best, ridged)
     w, b = _split(refit, has_bias)
-    return Reconstruction(w, b, best, errors[best], on_heldout.relative_error(dense[:, cols]))
+    return Reconstruction(w, b, best, errors[best], none_error)
 
 
 def _unit_scale_system(weight: torch.Tensor, moment: torch.Tensor, width: int) -> torch.Tensor:
@@ -142,7 +145,7 @@ def reconstruct_scale(weight, bias, keep_units, width, fit: GramStats, heldout: 
     errors = {lam: relative_error(dense, scaled(solve(fit, lam)), m_held_aug) for lam in LAMBDAS}
     best = min(errors, key=errors.get)
     scales = solve(fit + heldout, best)
-    if scales.abs().max() > MAX_SCALE:
+    if scales.abs().max() > MAX_SCALE or errors[best] >= none_error:  # keeping the weights is better
         return Reconstruction(w[:, cols], bias, None, none_error, none_error)
     return Reconstruction(w[:, cols] * scales.repeat_interleave(width)[None, :], bias, best, errors[best], none_error)
 

@@ -53,45 +53,44 @@ def full_masks(geoms: list[BlockGeometry]) -> Masks:
     return Masks({(i, k): torch.ones(g.count(k), dtype=torch.bool) for i, g in enumerate(geoms) for k in KINDS if g.count(k)})
 
 
-def _flatten(scores: dict[Site, torch.Tensor], kind: Kind) -> tuple[list[Site], torch.Tensor, torch.Tensor]:
+@dataclass
+class _Ranking:
+    """All units of one kind over all layers, best first, with running totals of score and cost."""
+
+    sites: list[Site]
+    sizes: list[int]
+    order: torch.Tensor  # positions in the concatenated units, best first
+    score: torch.Tensor  # score[k]: total score of the k best units (score[0] = 0)
+    cost: torch.Tensor  # cost[k]: their total MACs
+
+    def keep_best(self, count: int) -> dict[Site, torch.Tensor]:
+        flat = torch.zeros(sum(self.sizes), dtype=torch.bool)
+        flat[self.order[:count]] = True
+        return {site: mask.clone() for site, mask in zip(self.sites, flat.split(self.sizes))}
+
+
+def _rank(scores: dict[Site, torch.Tensor], geoms: list[BlockGeometry], kind: Kind, seq_len: float) -> _Ranking:
     sites = sorted(s for s in scores if s[1] == kind)
-    values = torch.cat([scores[s].to(torch.float64) for s in sites]) if sites else torch.zeros(0, dtype=torch.float64)
-    owner = torch.cat([torch.full((len(scores[s]),), n) for n, s in enumerate(sites)]) if sites else torch.zeros(0, dtype=torch.long)
-    return sites, values, owner
+    sizes = [len(scores[s]) for s in sites]
+    f64 = torch.float64
+    values = torch.cat([scores[s].to(f64) for s in sites]) if sites else torch.zeros(0, dtype=f64)
+    costs = torch.tensor([unit_macs(geoms[s[0]], kind, seq_len) for s in sites for _ in range(len(scores[s]))], dtype=f64)
+    order = torch.argsort(values, descending=True, stable=True)
+    zero = torch.zeros(1, dtype=f64)
+    return _Ranking(sites, sizes, order, torch.cat([zero, values[order].cumsum(0)]), torch.cat([zero, costs[order].cumsum(0)]))
 
 
 def global_search(scores: dict[Site, torch.Tensor], geoms: list[BlockGeometry], budget: float, seq_len: float) -> Masks:
     """Keep the best units globally under `budget` (fraction of prunable MACs kept)."""
     check_budget(budget)
     limit = budget * prunable_macs(geoms, seq_len) * (1 + 1e-12)
-    ranked = {}
-    for kind in KINDS:
-        sites, values, owner = _flatten(scores, kind)
-        costs = torch.tensor([unit_macs(geoms[s[0]], kind, seq_len) for s in sites], dtype=torch.float64)[owner] if sites else torch.zeros(0, dtype=torch.float64)
-        order = torch.argsort(values, descending=True, stable=True)
-        zero = torch.zeros(1, dtype=torch.float64)
-        ranked[kind] = (sites, owner[order], order, torch.cat([zero, values[order].cumsum(0)]), torch.cat([zero, costs[order].cumsum(0)]))
-
-    _, _, _, head_score, head_cost = ranked["attn"]
-    _, _, _, neuron_score, neuron_cost = ranked["ffn"]
-    feasible = head_cost <= limit
-    # neurons that still fit after k heads: the largest m with neuron_cost[m] <= limit - head_cost[k]
-    m = torch.searchsorted(neuron_cost, (limit - head_cost).clamp(min=0), right=True) - 1
-    total = torch.where(feasible, head_score + neuron_score[m.clamp(min=0)], torch.tensor(-torch.inf, dtype=torch.float64))
+    heads, neurons = _rank(scores, geoms, "attn", seq_len), _rank(scores, geoms, "ffn", seq_len)
+    # for every head count k: the most neurons m that still fit, neurons.cost[m] <= limit - heads.cost[k]
+    m = torch.searchsorted(neurons.cost, (limit - heads.cost).clamp(min=0), right=True) - 1
+    total = heads.score + neurons.score[m.clamp(min=0)]
+    total[heads.cost > limit] = -torch.inf
     k = int(torch.argmax(total))
-    counts = {"attn": k, "ffn": int(m[k])}
-
-    keep = {}
-    for kind in KINDS:
-        sites, owner_sorted, order, _, _ = ranked[kind]
-        flat = torch.zeros(len(order), dtype=torch.bool)
-        flat[order[: counts[kind]]] = True
-        start = 0
-        for site in sites:
-            size = len(scores[site])
-            keep[site] = flat[start : start + size].clone()
-            start += size
-    return Masks(keep)
+    return Masks(heads.keep_best(k) | neurons.keep_best(int(m[k])))
 
 
 def uniform_search(scores: dict[Site, torch.Tensor], geoms: list[BlockGeometry], budget: float, seq_len: float) -> Masks:

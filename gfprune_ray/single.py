@@ -70,6 +70,7 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"output exists and is not empty: {out} (use --force to replace it)")
+    new_parents = [p for p in out.absolute().parents if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -78,6 +79,9 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for parent in new_parents:  # folders made for this run go too, if nothing else landed there
+            if parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()
         raise
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -109,24 +113,23 @@ def obtain_statistics(adapter, batches: list[dict], opts: PruneOptions, stats_pa
 
 
 LATENCY_SEQ_LEN = 128
-ROBERTA_STYLE = ("roberta", "xlm-roberta", "camembert")  # positions are numbered from pad_token_id + 1
 
 
-def latency_seq_len(model) -> int:
-    """Tokens per sequence for MACs and latency: 128, or fewer when the model's position table is shorter."""
-    config = model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit <= 0:
-        return LATENCY_SEQ_LEN
-    if getattr(config, "model_type", None) in ROBERTA_STYLE:
-        limit -= (config.pad_token_id or 0) + 1
-    return max(1, min(LATENCY_SEQ_LEN, limit))
+def latency_seq_len(adapter) -> int:
+    """Tokens per sequence for MACs and latency: 128, or fewer when the model allows fewer."""
+    return min(LATENCY_SEQ_LEN, adapter.max_positions() or LATENCY_SEQ_LEN)
+
+
+def check_seq_len(adapter, seq_len: int) -> None:
+    limit = adapter.max_positions()
+    if limit is not None and seq_len > limit:
+        raise UserError(f"--seq-len {seq_len} exceeds the {limit} positions this model supports")
 
 
 def measure(dense_adapter, pruned_adapter, reference: QualityReference, opts: PruneOptions) -> dict:
     with bar("evaluate", len(reference.batches)) as step:
         quality = reference.measure(pruned_adapter.model, on_batch=step)
-    seq_len = latency_seq_len(dense_adapter.model)
+    seq_len = latency_seq_len(dense_adapter)
     return quality | efficiency(dense_adapter, pruned_adapter, seq_len=seq_len, repeats=opts.latency_repeats)
 
 
@@ -138,6 +141,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
         examples = read_examples(data)  # bad data fails here, before a model is loaded
         model, tokenizer = load_model(source)
         adapter = adapter_for(model)
+        check_seq_len(adapter, opts.seq_len)
         calib_batches, eval_batches, labels = prepare_batches(tokenizer, examples, opts)
         start = time.perf_counter()
         calibration, fingerprint, reused = obtain_statistics(adapter, calib_batches, opts, stats_path)

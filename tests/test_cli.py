@@ -266,3 +266,14 @@ def test_force_replaces_existing_output(ws, tmp_path):
     assert not (out / "old.txt").exists()
     assert json.loads((out / "gfprune.json").read_text())["options"]["reconstruction"] == "none"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_seq_len_beyond_the_model_fails_cleanly_and_leaves_no_new_folders(ws, tmp_path):
+    out = tmp_path / "made" / "for" / "out"
+    args = list(SMALL)
+    args[args.index("--seq-len") + 1] = "100"  # the tiny BERT has 64 positions
+    result = run_cli("prune", ws.model_a, "--out", out, "--data", ws.data, *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--seq-len 100" in lines[0] and "64" in lines[0], result.stderr[-3000:]
+    assert not (tmp_path / "made").exists(), "folders created for a failed run must go with it"

@@ -112,6 +112,11 @@ class Adapter:
         """Linear layers applied to one token per sequence (poolers, classifiers): for MACs."""
         return []
 
+    def max_positions(self) -> int | None:
+        """Longest sequence the model's positions allow (None if the config names no limit)."""
+        limit = getattr(self.config, "max_position_embeddings", None)
+        return limit if isinstance(limit, int) and limit > 0 else None
+
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size

@@ -26,6 +26,12 @@ class BertAdapter(Adapter):
         attention.num_attention_heads = heads
         attention.all_head_size = heads * attention.attention_head_size
 
+    def max_positions(self) -> int | None:
+        limit = super().max_positions()
+        if limit is not None and self.config.model_type != "bert" and self.config.model_type != "electra":
+            limit -= (self.config.pad_token_id or 0) + 1  # RoBERTa numbers positions from pad_token_id + 1
+        return limit
+
     def per_sequence_modules(self) -> list[nn.Module]:
         found = []
         pooler = getattr(self.base, "pooler", None)
