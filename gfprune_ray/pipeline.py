@@ -15,7 +15,7 @@ import torch
 
 from .flops import check_budget, prunable_macs
 from .methods import get_method
-from .models import KINDS, Adapter
+from .models import Adapter
 from .reconstruct import MODES, Reconstruction, reconstruct
 from .search import SEARCHES, Masks, Site
 from .stats import ModelStats, collect_stats
@@ -123,7 +123,3 @@ def plan(
     geoms = adapter.geometries()
     kept = masks.kept_macs(geoms, calibration.seq_len) / prunable_macs(geoms, calibration.seq_len)
     return PruneResult(masks, weights, budget, kept, timings)
-
-
-def sites_of(adapter: Adapter) -> list[Site]:
-    return [(i, k) for i, g in enumerate(adapter.geometries()) for k in KINDS if g.count(k)]

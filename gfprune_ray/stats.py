@@ -200,9 +200,8 @@ def load_stats(path: str | Path, fingerprint: str | None, adapter: Adapter | Non
         for part, sites in parts.items()
     }
     if adapter is not None:
-        expected = empty_stats(adapter).sites
-        for part, stats in loaded.items():
-            shapes = {k: tuple(v.total.shape) for k, v in stats.sites.items()}
-            if shapes != {k: tuple(v.total.shape) for k, v in expected.items()}:
+        expected = {k: tuple(v.total.shape) for k, v in empty_stats(adapter).sites.items()}
+        for stats in loaded.values():
+            if {k: tuple(v.total.shape) for k, v in stats.sites.items()} != expected:
                 raise UserError(f"{path}: statistics shapes do not match the model's layers")
     return loaded
