@@ -8,7 +8,7 @@ Two signals per unit, both label-free:
   that a mix of the others can replace gets a small C_ii.
 - D2, data-driven magnitude: how much signal flows through the unit.
 
-Exact formulas used here (DESIGN 4 leaves the combination to us; see README "Method notes"):
+Exact formulas used here (DESIGN 4 leaves the combination to us; README "Methods" has the ablations):
 
   R2_u = mean over the unit's columns of C_ii, divided by its maximum in the layer, in (0, 1].
          (Dividing by the maximum rather than min-max keeps the least representative unit above 0,
