@@ -1,0 +1,49 @@
+"""Quality metrics against independent computations: accuracy, perplexity, fidelity."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from conftest import tiny_batches, tiny_model
+from gfprune_ray.evaluate import QualityReference, count_params, perplexity
+from gfprune_ray.models import adapter_for
+
+
+def test_accuracy_with_a_classification_head_and_labels():
+    model = tiny_model("bert-cls")
+    batches = tiny_batches(n_batches=2, batch=5)
+    with torch.inference_mode():
+        predictions = torch.cat([model(**b).logits.argmax(-1) for b in batches])
+    labels = predictions.tolist()
+    labels[0] = (labels[0] + 1) % 3  # exactly one wrong out of ten
+    reference = QualityReference(model, adapter_for(model), batches, labels)
+    result = reference.measure(model)
+    assert result["accuracy"] == result["dense_accuracy"] == 0.9
+    assert abs(result["fidelity"] - 1.0) < 1e-6  # the dense model against itself
+
+
+def test_perplexity_matches_the_models_own_loss():
+    model = tiny_model("gpt2")
+    ids = torch.randint(3, 90, (1, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.inference_mode():
+        loss = model(**batch, labels=ids).loss
+    assert math.isclose(perplexity(model, [batch]), math.exp(float(loss)), rel_tol=1e-5)
+
+
+def test_perplexity_ignores_padding():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 90, (1, 10), generator=torch.Generator().manual_seed(1))
+    plain = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    padded = {"input_ids": torch.cat([ids, torch.ones(1, 4, dtype=torch.long)], 1),
+              "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros(1, 4, dtype=torch.long)], 1)}
+    assert math.isclose(perplexity(model, [plain]), perplexity(model, [padded]), rel_tol=1e-4)
+
+
+def test_count_params_counts_tied_weights_once():
+    model = tiny_model("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert count_params(model) == sum(p.numel() for p in model.parameters())  # parameters() dedupes too
+    assert count_params(model) < sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
