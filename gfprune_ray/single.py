@@ -115,6 +115,14 @@ def obtain_statistics(adapter, batches: list[dict], opts: PruneOptions, stats_pa
 LATENCY_SEQ_LEN = 128
 
 
+def supported_adapter(model, source: str):
+    """The model's adapter, or a one-line user error naming the unsupported architecture."""
+    try:
+        return adapter_for(model)
+    except ValueError as exc:
+        raise UserError(f"{source}: {exc}") from None
+
+
 def latency_seq_len(adapter) -> int:
     """Tokens per sequence for MACs and latency: 128, or fewer when the model allows fewer."""
     return min(LATENCY_SEQ_LEN, adapter.max_positions() or LATENCY_SEQ_LEN)
@@ -140,7 +148,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
     with staged_output(out, force) as staging:
         examples = read_examples(data)  # bad data fails here, before a model is loaded
         model, tokenizer = load_model(source)
-        adapter = adapter_for(model)
+        adapter = supported_adapter(model, source)
         check_seq_len(adapter, opts.seq_len)
         calib_batches, eval_batches, labels = prepare_batches(tokenizer, examples, opts)
         start = time.perf_counter()
@@ -184,9 +192,12 @@ def evaluate_saved(path: Path, data: str, opts: PruneOptions, dense_source: str 
     record = json.loads(record_file.read_text())
     examples = read_examples(data)
     dense_model, tokenizer = load_model(dense_source or record["source"])
-    pruned = load_pruned(path)
+    dense = supported_adapter(dense_model, dense_source or record["source"])
+    try:
+        pruned = load_pruned(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load pruned model {path}: {str(exc).splitlines()[0]}") from None
     _, eval_batches, labels = prepare_batches(tokenizer, examples, opts)
-    dense = adapter_for(dense_model)
     with bar("reference", len(eval_batches)) as step:
         reference = QualityReference(dense_model, dense, eval_batches, labels, on_batch=step)
     metrics = measure(dense, adapter_for(pruned), reference, opts)

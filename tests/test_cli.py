@@ -277,3 +277,16 @@ def test_seq_len_beyond_the_model_fails_cleanly_and_leaves_no_new_folders(ws, tm
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--seq-len 100" in lines[0] and "64" in lines[0], result.stderr[-3000:]
     assert not (tmp_path / "made").exists(), "folders created for a failed run must go with it"
+
+
+def test_unsupported_architecture_is_a_one_line_error(ws, tmp_path):
+    folder = tmp_path / "neox"
+    config = T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
+    T.GPTNeoXForCausalLM(config).save_pretrained(folder)
+    _tokenizer(folder).save_pretrained(folder)
+    out = tmp_path / "out"
+    result = run_cli("prune", folder, "--out", out, "--data", ws.data, *SMALL)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "gpt_neox" in lines[0] and "unsupported" in lines[0], result.stderr[-3000:]
+    assert not out.exists()
