@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/gfprune-ray prune pkg:all-minilm-l6-v2 --data pydoc --budget 0.6 --method gfp --reconstruct full \
 		--samples 256 --eval-samples 256 --out runs/demo-minilm-0.6 --force
-	$(BIN)/gfprune-ray eval runs/demo-minilm-0.6 --data pydoc
+	$(BIN)/gfprune-ray eval runs/demo-minilm-0.6
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -22,6 +22,7 @@ import torch
 
 from gfprune_ray.data import mean_tokens_per_sequence, read_examples, split_examples, tokenize
 from gfprune_ray.evaluate import QualityReference, efficiency, latencies
+from gfprune_ray.flops import prunable_macs
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
 from gfprune_ray.pipeline import calibrate, reconstruct_sites, score_sites, search_masks
@@ -84,6 +85,8 @@ def run_one(ctx: dict, scores, method, budget, reconstruction, allocation, args,
     row |= ctx["reference"].measure(pruned.model)
     batch_sizes = (1, 32) if with_latency else ()  # MACs and params always, latency where asked
     row |= efficiency(adapter, pruned, args.seq_len, batch_sizes, args.latency_repeats, ctx["dense_latency"])
+    geoms = adapter.geometries()
+    row["kept_prunable_macs"] = masks.kept_macs(geoms, calibration.seq_len) / prunable_macs(geoms, calibration.seq_len)
     row |= dict(search_s=search_s, reconstruct_s=reconstruct_s, surgery_s=surgery_s)
     return row
 

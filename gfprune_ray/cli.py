@@ -64,7 +64,7 @@ def prune(
     method: str = typer.Option("gfp", help="Unit scores: gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random."),
     reconstruct: str = typer.Option("full", help="New weights for kept units: full, scale or none."),
     allocation: str = typer.Option("global", help="global: rank units across layers; uniform: same ratio in every layer."),
-    samples: int = typer.Option(256, help="Calibration examples (every 5th batch is held out to tune reconstruction)."),
+    samples: int = typer.Option(256, help="Calibration examples (every 5th is held out to tune reconstruction)."),
     eval_samples: int = typer.Option(256, help="Evaluation examples, disjoint from calibration."),
     seq_len: int = typer.Option(128, help="Tokens per example (longer ones are truncated)."),
     batch_size: int = typer.Option(32, help="Sequences per forward pass."),
@@ -85,20 +85,22 @@ def prune(
 @app.command("eval")
 def evaluate(
     path: Path = typer.Argument(..., help="A folder written by `gfprune-ray prune`."),
-    data: str = typer.Option("pydoc", "--data", "-d", help=DATA_HELP),
+    data: str | None = typer.Option(None, "--data", "-d", help=DATA_HELP + " Default: the data it was pruned with."),
     dense: str | None = typer.Option(None, help="Dense model to compare with (default: the one it was pruned from)."),
-    eval_samples: int = typer.Option(256, help="Evaluation examples."),
-    samples: int = typer.Option(256, help="Calibration examples to leave out, so that the split matches `prune`."),
-    seq_len: int = typer.Option(128, help="Tokens per example."),
-    batch_size: int = typer.Option(32, help="Sequences per forward pass."),
-    seed: int = typer.Option(0, help="Seed of the data split (use the one given to `prune`)."),
-    latency_repeats: int = typer.Option(5, help="Timed forward passes per latency measurement."),
+    eval_samples: int | None = typer.Option(None, help="Evaluation examples (default: as when pruned)."),
+    samples: int | None = typer.Option(None, help="Calibration examples left out of evaluation (default: as when pruned)."),
+    seq_len: int | None = typer.Option(None, help="Tokens per example (default: as when pruned)."),
+    batch_size: int | None = typer.Option(None, help="Sequences per forward pass (default: as when pruned)."),
+    seed: int | None = typer.Option(None, help="Seed of the data split (default: as when pruned, so no calibration text is scored)."),
+    latency_repeats: int | None = typer.Option(None, help="Timed forward passes per latency measurement."),
 ) -> None:
-    """Measure a pruned model against its dense source: quality, MACs, parameters, latency."""
-    from .single import PruneOptions, evaluate_saved
+    """Measure a pruned model against its dense source: quality, MACs, parameters, latency.
 
-    opts = PruneOptions(samples=samples, eval_samples=eval_samples, seq_len=seq_len, batch_size=batch_size, seed=seed, latency_repeats=latency_repeats)
-    report = _run(lambda: evaluate_saved(path, data, opts.validate(), dense))
+    Without options it evaluates on the examples that `prune` held back from calibration."""
+    from .single import evaluate_saved
+
+    overrides = dict(data=data, eval_samples=eval_samples, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, latency_repeats=latency_repeats)
+    report = _run(lambda: evaluate_saved(path, overrides, dense))
     _print_report(f"{path}", report["metrics"])
 
 

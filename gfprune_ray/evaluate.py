@@ -92,7 +92,8 @@ class QualityReference:
     """What the dense model scores on the evaluation batches, computed once and reused per prune."""
 
     def __init__(self, dense: nn.Module, adapter: Adapter, batches: list[dict], labels: list[int] | None = None, on_batch=None):
-        self.causal = adapter.causal
+        # perplexity needs an LM head; a bare decoder (GPT2Model) is judged by fidelity like an encoder
+        self.causal = adapter.causal and dense.get_output_embeddings() is not None
         self.batches = batches
         self.labels = labels if labels is not None and has_classifier(dense) else None
         if self.causal:

@@ -10,6 +10,7 @@ from pathlib import Path
 import transformers
 from torch import nn
 
+from .data import prepare_tokenizer
 from .errors import UserError
 from .surgery import SIZES_KEY, load_pruned
 
@@ -83,4 +84,7 @@ def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module,
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load model {source}: {first_line}") from None
+    prepare_tokenizer(tokenizer)
+    if model.config.pad_token_id is None:  # sequence classifiers need it to find the last token
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

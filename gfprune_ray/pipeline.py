@@ -20,7 +20,7 @@ from .reconstruct import MODES, Reconstruction, reconstruct
 from .search import SEARCHES, Masks, Site
 from .stats import ModelStats, collect_stats
 
-HELDOUT_EVERY = 5  # every 5th calibration batch is held out to choose the ridge of `full`
+HELDOUT_EVERY = 5  # every 5th calibration example is held out to choose the ridge of `full`
 
 
 @dataclass
@@ -37,10 +37,21 @@ class Calibration:
 
 
 def split_heldout(batches: list[dict]) -> tuple[list[dict], list[dict]]:
-    heldout = batches[HELDOUT_EVERY - 1 :: HELDOUT_EVERY]
-    fit = [b for n, b in enumerate(batches) if n % HELDOUT_EVERY != HELDOUT_EVERY - 1]
-    if not heldout:  # too few batches: hold out the last one, keep at least one to fit
-        fit, heldout = (batches[:-1], batches[-1:]) if len(batches) > 1 else (batches, batches)
+    """Every HELDOUT_EVERY-th calibration example is held out (the last one when there are fewer).
+
+    The split is by example position, not by batch, so it does not depend on the batch size and a
+    single batch still yields disjoint fit and held-out tokens."""
+    total = sum(len(b["input_ids"]) for b in batches)
+    if total < 2:
+        raise ValueError(f"need at least 2 calibration examples to hold one out, got {total}")
+    fit, heldout, offset = [], [], 0
+    for batch in batches:
+        rows = torch.arange(offset, offset + len(batch["input_ids"]))
+        offset += len(rows)
+        held = rows == total - 1 if total < HELDOUT_EVERY else rows % HELDOUT_EVERY == HELDOUT_EVERY - 1
+        for target, keep in ((fit, ~held), (heldout, held)):
+            if keep.any():
+                target.append({k: v[keep] for k, v in batch.items()})
     return fit, heldout
 
 

@@ -33,7 +33,9 @@ class Reconstruction:
     weight: torch.Tensor  # d x |S|
     bias: torch.Tensor | None
     lam: float | None  # the ridge chosen on held-out tokens (None where there is no choice)
-    heldout_error: float  # E|y - y'|^2 / E|y|^2 on held-out tokens
+    # E|y - y'|^2 / E|y|^2 on held-out tokens of the weights fitted without them (the weights
+    # returned are refit on all calibration tokens with the chosen ridge)
+    heldout_error: float
     heldout_error_none: float  # the same error without reconstruction
 
 

@@ -91,6 +91,8 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
 def prepare_batches(tokenizer, examples: Examples, opts: PruneOptions):
     """Calibration and evaluation batches from disjoint, seeded examples, and the eval labels."""
     calib, evaluation = split_examples(examples, opts.samples, opts.eval_samples, opts.seed)
+    if len(calib) < 2:
+        raise UserError(f"need at least 2 calibration examples (one is held out), got {len(calib)}")
     calib_batches = tokenize(tokenizer, calib.texts, opts.seq_len, opts.batch_size)
     eval_batches = tokenize(tokenizer, evaluation.texts, opts.seq_len, opts.batch_size)
     return calib_batches, eval_batches, evaluation.labels
@@ -183,16 +185,31 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
     return report
 
 
-def evaluate_saved(path: Path, data: str, opts: PruneOptions, dense_source: str | None = None) -> dict:
-    """Measure a saved pruned model against its dense source on `data`; writes eval.json beside it."""
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads((path / RECORD_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"not a gfprune-ray output folder (no readable {RECORD_FILE}): {path}") from None
+    return record if isinstance(record, dict) else {}
+
+
+def evaluate_saved(path: Path, overrides: dict, dense_source: str | None = None) -> dict:
+    """Measure a saved pruned model against its dense source; writes eval.json beside it.
+
+    Data, seed and sample counts default to those recorded at pruning time, so the evaluation
+    examples are the held-back ones, disjoint from calibration; `overrides` replaces any of them."""
     path = Path(path)
-    record_file = path / RECORD_FILE
-    if not record_file.exists():
-        raise UserError(f"not a gfprune-ray output folder (no {RECORD_FILE}): {path}")
-    record = json.loads(record_file.read_text())
+    record = _read_record(path)
+    recorded = {k: v for k, v in record.get("options", {}).items() if k in PruneOptions.__dataclass_fields__}
+    settings = {"data": record.get("data", "pydoc")} | recorded | {k: v for k, v in overrides.items() if v is not None}
+    data = settings.pop("data")
+    opts = PruneOptions(**settings).validate()
+    dense_source = dense_source or record.get("source")
+    if not dense_source:
+        raise UserError(f"{path / RECORD_FILE} names no dense model: pass --dense")
     examples = read_examples(data)
-    dense_model, tokenizer = load_model(dense_source or record["source"])
-    dense = supported_adapter(dense_model, dense_source or record["source"])
+    dense_model, tokenizer = load_model(dense_source)
+    dense = supported_adapter(dense_model, dense_source)
     try:
         pruned = load_pruned(path)
     except (OSError, ValueError) as exc:
@@ -201,7 +218,7 @@ def evaluate_saved(path: Path, data: str, opts: PruneOptions, dense_source: str 
     with bar("reference", len(eval_batches)) as step:
         reference = QualityReference(dense_model, dense, eval_batches, labels, on_batch=step)
     metrics = measure(dense, adapter_for(pruned), reference, opts)
-    report = {"model": str(path), "dense": dense_source or record["source"], "data": data, "metrics": metrics}
+    report = {"model": str(path), "dense": dense_source, "data": data, "options": asdict(opts), "metrics": metrics}
     tmp = path / "eval.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(path / "eval.json")

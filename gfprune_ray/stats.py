@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from .errors import UserError
 from .models import KINDS, Adapter, Kind
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: held-out statistics are every 5th example, not every 5th batch
 
 
 @dataclass
@@ -166,6 +166,7 @@ def save_stats(parts: dict[str, ModelStats], path: str | Path) -> None:
     meta = {"fingerprint": fingerprints.pop(), "format": str(FORMAT_VERSION)}
     meta.update({f"meta/{k}": json.dumps(v) for k, v in next(iter(parts.values())).meta.items()})
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)  # never leave a half-written file under the real name

@@ -90,6 +90,13 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+def _saved_dtype(config) -> torch.dtype | None:
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if isinstance(saved, torch.dtype) else None
+
+
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a model saved by gfprune-ray: the ordinary transformers class, with narrower layers.
 
@@ -105,12 +112,13 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module
     model = model_class(config)
     if sizes is not None:
         adapter_for(model).resize(sizes)
+    dtype = dtype or _saved_dtype(config)
+    if dtype is not None:
+        model = model.to(dtype)  # before loading, so bf16 weights are not upcast
     state = _state_dict(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     loaded_storage = {p.data_ptr() for name, p in model.named_parameters() if name in state}
     untied = [k for k in missing if model.get_parameter(k).data_ptr() not in loaded_storage] if missing else []
     if untied or unexpected:
         raise ValueError(f"{path}: weights do not fit the saved sizes (missing {untied}, unexpected {unexpected})")
-    if dtype is not None:
-        model = model.to(dtype)
     return model.eval()

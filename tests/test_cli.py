@@ -290,3 +290,20 @@ def test_unsupported_architecture_is_a_one_line_error(ws, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "gpt_neox" in lines[0] and "unsupported" in lines[0], result.stderr[-3000:]
     assert not out.exists()
+
+
+def test_eval_defaults_to_the_recorded_data_and_split(ws, tmp_path):
+    """Without options, eval scores the examples prune held back, whatever the CLI defaults are."""
+    assert ws.prune.returncode == 0, ws.prune.stderr[-3000:]
+    copy = tmp_path / "pruned"
+    copy.mkdir()
+    for f in ws.out.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    result = run_cli("eval", copy, "--latency-repeats", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((copy / "eval.json").read_text())
+    recorded = json.loads((copy / "gfprune.json").read_text())
+    assert report["data"] == recorded["data"]
+    for key in ("seed", "samples", "eval_samples", "seq_len", "batch_size"):
+        assert report["options"][key] == recorded["options"][key], key
+    assert report["metrics"]["fidelity"] == pytest.approx(recorded["metrics"]["fidelity"], abs=1e-5)

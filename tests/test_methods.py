@@ -187,3 +187,21 @@ def test_gfp_is_r2_times_d2():
         ratio = gfp[site] / d2[site]  # R2, scaled to a maximum of 1 within the site
         assert ratio.max() == pytest.approx(1.0, rel=1e-9)
         assert (ratio > 0).all() and (ratio <= 1 + 1e-12).all()
+
+
+def test_random_keeps_heads_and_neurons_in_proportion():
+    """Random must be random per MAC: a random score per unit would make the global search drop
+    the dearer heads first (DESIGN 10's collapse), which is not a fair baseline."""
+    import transformers as T
+
+    from gfprune_ray.pipeline import calibrate, score_sites, search_masks
+
+    config = T.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=16, intermediate_size=256, max_position_embeddings=64)
+    adapter = adapter_for(T.BertModel(config).eval())
+    calibration = calibrate(adapter, tiny_batches(n_batches=2), 10.0)
+    for seed in range(3):
+        scores = score_sites(adapter, calibration.total, "random", seed)
+        masks = search_masks(scores, adapter, 0.5, calibration.seq_len)
+        heads = sum(int(m.sum()) for (_, k), m in masks.keep.items() if k == "attn") / 64
+        neurons = sum(int(m.sum()) for (_, k), m in masks.keep.items() if k == "ffn") / 1024
+        assert 0.3 <= heads <= 0.7 and 0.3 <= neurons <= 0.7, (seed, heads, neurons)

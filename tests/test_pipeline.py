@@ -292,3 +292,38 @@ def test_minilm_full_reconstruction_beats_none_on_unseen_tokens():
             assert errors["full"] < errors["none"], (site, errors)
             compared.append(site)
     assert len(compared) >= adapter.num_layers, f"budget 0.6 should cut most blocks, cut only {compared}"
+
+
+def test_heldout_split_is_by_example_and_independent_of_batch_size():
+    from gfprune_ray.pipeline import HELDOUT_EVERY, split_heldout
+
+    model = tiny_model("bert")
+    adapter = adapter_for(model)
+    examples = tiny_batches(n_batches=1, batch=12, seed=3)[0]
+    as_batches = lambda size: [{k: v[i : i + size] for k, v in examples.items()} for i in range(0, 12, size)]
+    small, large = calibrate(adapter, as_batches(4), 8.0), calibrate(adapter, as_batches(12), 8.0)
+    for part in ("fit", "heldout"):
+        for site, s in getattr(small, part).sites.items():
+            other = getattr(large, part)[site]
+            assert int(s.n) == int(other.n)
+            assert torch.linalg.norm(s.gram - other.gram) <= 1e-6 * torch.linalg.norm(other.gram)
+    fit, held = split_heldout(as_batches(12))  # one batch still gives disjoint parts
+    assert sum(len(b["input_ids"]) for b in held) == 12 // HELDOUT_EVERY
+    assert sum(len(b["input_ids"]) for b in fit) == 12 - 12 // HELDOUT_EVERY
+    fit, held = split_heldout([{k: v[:3] for k, v in examples.items()}])  # fewer than HELDOUT_EVERY: the last
+    assert [len(b["input_ids"]) for b in fit] == [2] and [len(b["input_ids"]) for b in held] == [1]
+
+
+def test_bare_decoder_is_judged_by_fidelity_and_bf16_survives_reload(tmp_path):
+    import transformers as T
+
+    from gfprune_ray.evaluate import QualityReference
+
+    bare = T.GPT2Model(tiny_model("gpt2").config).eval()
+    adapter = adapter_for(bare)
+    reference = QualityReference(bare, adapter, tiny_batches(1))
+    assert reference.measure(bare)["quality_metric"] == "fidelity"
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    save_pruned(model, tmp_path / "bf16")
+    assert load_pruned(tmp_path / "bf16").dtype == torch.bfloat16

@@ -2,8 +2,11 @@
 
 A method maps (weights of one site, statistics of that site, rng) to one score per unit; a higher
 score means more important. The global search compares scores across layers and between heads and
-neurons, so every method returns them in one currency: an estimate of what removing the unit takes
-out of the block's output, with the unit's MAC cost already accounted for by the search.
+neurons, so scores must be comparable there: gfp, gfp-d2 and fluctuation estimate the energy that
+removing the unit takes out of the block output; magnitude and random are additive over the unit's
+weights (squared norm; a random value times the weight count), so a head weighs as much as the
+neurons of the same size. gfp-r2 alone is only comparable within a layer (use it with uniform
+allocation; the benchmark shows what happens globally).
 """
 
 from __future__ import annotations

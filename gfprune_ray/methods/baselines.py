@@ -9,10 +9,16 @@ from ..stats import GramStats
 from .common import output_energy, per_unit
 
 
+def weights_per_unit(w: UnitWeights) -> int:
+    """Weights that belong to one unit (its output columns and input rows): its MACs per token,
+    apart from the attention-score term of heads."""
+    return w.out.shape[0] * w.width + sum(weight.numel() for weight in w.ins) // w.units
+
+
 def random_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
-    """A uniformly random value per column, summed per unit: random per MAC, so the global search
-    keeps heads and neurons in proportion instead of dropping whichever kind is dearer."""
-    return per_unit(torch.rand(w.out.shape[1], generator=rng, dtype=torch.float64), w.width)
+    """A uniform random value per unit times the unit's weight count: random per MAC, so the
+    global search keeps heads and neurons in proportion instead of dropping the dearer kind."""
+    return torch.rand(w.units, generator=rng, dtype=torch.float64) * weights_per_unit(w)
 
 
 def magnitude_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
