@@ -58,6 +58,12 @@ def _qwen2():
     return T.Qwen2ForCausalLM(config)
 
 
+def _qwen3():
+    config = T.Qwen3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           intermediate_size=48, bos_token_id=0, eos_token_id=2, pad_token_id=1, **COMMON)
+    return T.Qwen3ForCausalLM(config)
+
+
 def _mistral():
     config = T.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                              intermediate_size=48, bos_token_id=0, eos_token_id=2, pad_token_id=1, sliding_window=None, **COMMON)
@@ -73,6 +79,7 @@ TINY = {
     "opt": _opt,
     "llama": _llama,
     "qwen2": _qwen2,
+    "qwen3": _qwen3,
     "mistral": _mistral,
 }
 

@@ -41,7 +41,7 @@ def test_geometry_matches_config(family):
     assert adapter.num_layers == 2
     assert geom.d == 32 and geom.head_dim == 8 and geom.ffn == 48
     assert geom.units * geom.heads_per_unit == 4
-    assert geom.gated == (family in {"llama", "qwen2", "mistral"})
+    assert geom.gated == (family in {"llama", "qwen2", "qwen3", "mistral"})
 
 
 def test_hooks_see_context_and_activations(family):
