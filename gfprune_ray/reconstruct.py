@@ -62,10 +62,9 @@ def relative_error(dense: torch.Tensor, pruned: torch.Tensor, moment: torch.Tens
     return float(((delta @ moment) * delta).sum() / energy.clamp(min=1e-300))
 
 
-def _embed(dense: torch.Tensor, kept: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    full = torch.zeros_like(dense)
-    full[:, cols] = kept
-    return full
+def _with_bias_column(cols: torch.Tensor, inputs: int, has_bias: bool) -> torch.Tensor:
+    """Kept columns of the augmented [W, b] layout: the kept inputs, plus the bias column."""
+    return torch.cat([cols, torch.tensor([inputs])]) if has_bias else cols
 
 
 class _Quadratic:
@@ -99,7 +98,7 @@ def _split(augmented: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch
 def reconstruct_full(weight, bias, keep_cols, fit: GramStats, heldout: GramStats) -> Reconstruction:
     has_bias = bias is not None
     dense = _augment(weight, bias)
-    cols = torch.cat([keep_cols, torch.tensor([weight.shape[1]])]) if has_bias else keep_cols
+    cols = _with_bias_column(keep_cols, weight.shape[1], has_bias)
     ridged = torch.ones(len(cols), dtype=torch.bool)
     if has_bias:
         ridged[-1] = False
@@ -126,12 +125,11 @@ def reconstruct_scale(weight, bias, keep_units, width, fit: GramStats, heldout: 
     w = weight.to(torch.float64)
     cols = unit_rows(keep_units, width)
     dense = _augment(weight, bias)
-    m_held_aug = _moment(heldout, bias is not None)
-    extra = [dense.shape[1] - 1] if bias is not None else []
+    on_heldout = _Quadratic(dense, _moment(heldout, bias is not None), _with_bias_column(cols, w.shape[1], bias is not None))
+    bias_column = dense[:, w.shape[1] :]  # empty without a bias; scaling leaves the bias alone
 
-    def scaled(scales: torch.Tensor) -> torch.Tensor:
-        kept = torch.cat([w[:, cols] * scales.repeat_interleave(width)[None, :], dense[:, extra]], 1)
-        return _embed(dense, kept, torch.cat([cols, torch.tensor(extra, dtype=torch.long)]))
+    def error(scales: torch.Tensor) -> float:
+        return on_heldout.relative_error(torch.cat([w[:, cols] * scales.repeat_interleave(width)[None, :], bias_column], 1))
 
     def solve(stats: GramStats, lam: float) -> torch.Tensor:
         system = _unit_scale_system(w, stats.second_moment, width)
@@ -141,10 +139,10 @@ def reconstruct_scale(weight, bias, keep_units, width, fit: GramStats, heldout: 
         return torch.linalg.solve(block + ridge * torch.eye(len(keep_units), dtype=block.dtype), rhs)
 
     ones = torch.ones(len(keep_units), dtype=torch.float64)
-    none_error = relative_error(dense, scaled(ones), m_held_aug)
+    none_error = error(ones)
     if len(keep_units) == 0:
         return Reconstruction(w[:, cols], bias, None, none_error, none_error)
-    errors = {lam: relative_error(dense, scaled(solve(fit, lam)), m_held_aug) for lam in LAMBDAS}
+    errors = {lam: error(solve(fit, lam)) for lam in LAMBDAS}
     best = min(errors, key=errors.get)
     scales = solve(fit + heldout, best)
     if scales.abs().max() > MAX_SCALE or errors[best] >= none_error:  # keeping the weights is better
@@ -170,7 +168,7 @@ def reconstruct(
         return reconstruct_scale(weight, bias, keep_units, width, fit, heldout)
     if mode == "none":
         dense = _augment(weight, bias)
-        all_cols = torch.cat([cols, torch.tensor([weight.shape[1]])]) if bias is not None else cols
-        error = relative_error(dense, _embed(dense, dense[:, all_cols], all_cols), _moment(heldout, bias is not None))
+        kept = _with_bias_column(cols, weight.shape[1], bias is not None)
+        error = _Quadratic(dense, _moment(heldout, bias is not None), kept).relative_error(dense[:, kept])
         return Reconstruction(weight[:, cols].to(torch.float64), bias, None, error, error)
     raise ValueError(f"unknown reconstruction {mode!r}; choose one of: {', '.join(MODES)}")
