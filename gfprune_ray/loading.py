@@ -79,7 +79,8 @@ def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module,
             if getattr(config, SIZES_KEY, None) is not None:
                 model = load_pruned(where)
             else:
-                model = _model_class(config).from_pretrained(where, trust_remote_code=trust_remote_code)
+                # safetensors only: a pytorch_model.bin is a pickle, and we never load untrusted pickles
+                model = _model_class(config).from_pretrained(where, trust_remote_code=trust_remote_code, use_safetensors=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
