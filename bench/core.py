@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gfprune_ray.data import mean_tokens_per_sequence, read_examples, split_examples, tokenize
-from gfprune_ray.evaluate import QualityReference, efficiency, latencies
+from gfprune_ray.evaluate import QualityReference, efficiency
 from gfprune_ray.flops import prunable_macs
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
@@ -70,8 +70,7 @@ def prepare(source: str, args) -> dict:
     _, forward_s = timed(plain_forward, model, calib_batches)
     calibration, collect_s = timed(calibrate, adapter, calib_batches, mean_tokens_per_sequence(calib_batches))
     reference = QualityReference(model, adapter, eval_batches, evaluation.labels)
-    dense_latency = latencies(model, args.seq_len, (1, 32), args.latency_repeats)
-    return dict(model=model, adapter=adapter, calibration=calibration, reference=reference, dense_latency=dense_latency,
+    return dict(model=model, adapter=adapter, calibration=calibration, reference=reference,
                 forward_s=forward_s, collect_s=collect_s, tokens=calibration.total.tokens)
 
 
@@ -84,7 +83,7 @@ def run_one(ctx: dict, scores, method, budget, reconstruction, allocation, args,
     row = dict(method=method, budget=budget, reconstruction=reconstruction, allocation=allocation)
     row |= ctx["reference"].measure(pruned.model)
     batch_sizes = (1, 32) if with_latency else ()  # MACs and params always, latency where asked
-    row |= efficiency(adapter, pruned, args.seq_len, batch_sizes, args.latency_repeats, ctx["dense_latency"])
+    row |= efficiency(adapter, pruned, args.seq_len, batch_sizes, args.latency_repeats)
     geoms = adapter.geometries()
     row["kept_prunable_macs"] = masks.kept_macs(geoms, calibration.seq_len) / prunable_macs(geoms, calibration.seq_len)
     row |= dict(search_s=search_s, reconstruct_s=reconstruct_s, surgery_s=surgery_s)

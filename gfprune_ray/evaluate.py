@@ -25,18 +25,21 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def latency(model: nn.Module, batch_size: int, seq_len: int, repeats: int = 5) -> float:
-    """Median wall time (s) of one forward pass on random tokens, after one warm-up pass."""
-    vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+def paired_latency(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int = 5) -> tuple[float, float]:
+    """Median wall time (s) of one forward pass of each model on the same random tokens.
+
+    The two models take turns, after one warm-up pass each, so that drift in the machine's speed
+    (other tenants, clock changes) hits both alike instead of skewing their ratio."""
+    ids = torch.randint(3, dense.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    model(input_ids=ids, attention_mask=mask)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[int, list[float]] = {id(dense): [], id(pruned): []}
+    for n in range(repeats + 1):
+        for model in (dense, pruned):
+            start = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask)
+            if n:  # the first round is the warm-up
+                times[id(model)].append(time.perf_counter() - start)
+    return statistics.median(times[id(dense)]), statistics.median(times[id(pruned)])
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -117,20 +120,8 @@ class QualityReference:
         return result
 
 
-def latencies(model: nn.Module, seq_len: int = 128, batch_sizes=(1, 32), repeats: int = 5) -> dict[int, float]:
-    return {b: latency(model, b, seq_len, repeats) for b in batch_sizes}
-
-
-def efficiency(
-    dense_adapter: Adapter,
-    pruned_adapter: Adapter,
-    seq_len: int = 128,
-    batch_sizes=(1, 32),
-    repeats: int = 5,
-    dense_latency: dict[int, float] | None = None,
-) -> dict:
-    """MACs, parameters and measured latency of dense and pruned, with the ideal speedup beside it.
-    `dense_latency` (from `latencies`) saves re-timing the dense model when it serves many prunes."""
+def efficiency(dense_adapter: Adapter, pruned_adapter: Adapter, seq_len: int = 128, batch_sizes=(1, 32), repeats: int = 5) -> dict:
+    """MACs, parameters and measured latency of dense and pruned, with the ideal speedup beside it."""
     dense_macs = model_macs(dense_adapter, seq_len)
     pruned_macs = model_macs(pruned_adapter, seq_len)
     result = {
@@ -142,10 +133,8 @@ def efficiency(
         "params": count_params(pruned_adapter.model),
         "latency_seq_len": seq_len,
     }
-    if dense_latency is None:
-        dense_latency = latencies(dense_adapter.model, seq_len, batch_sizes, repeats)
-    for b, t_pruned in latencies(pruned_adapter.model, seq_len, batch_sizes, repeats).items():
-        t_dense = dense_latency[b]
+    for b in batch_sizes:
+        t_dense, t_pruned = paired_latency(dense_adapter.model, pruned_adapter.model, b, seq_len, repeats)
         result[f"latency_b{b}_dense_s"] = t_dense
         result[f"latency_b{b}_s"] = t_pruned
         result[f"speedup_b{b}"] = t_dense / t_pruned

@@ -47,3 +47,14 @@ def test_count_params_counts_tied_weights_once():
     assert model.lm_head.weight is model.transformer.wte.weight
     assert count_params(model) == sum(p.numel() for p in model.parameters())  # parameters() dedupes too
     assert count_params(model) < sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+
+
+def test_paired_latency_times_both_models_on_the_same_input():
+    from gfprune_ray.evaluate import paired_latency
+
+    small = tiny_model("bert")
+    big_config = small.config.__class__(**{**small.config.to_dict(), "num_hidden_layers": 8})
+    big = type(small)(big_config).eval()
+    t_big, t_small = paired_latency(big, small, batch_size=4, seq_len=32, repeats=5)
+    assert t_big > 0 and t_small > 0
+    assert t_big > t_small  # four times the layers is slower, even on a noisy machine
