@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from gfprune_ray.data import mean_tokens_per_sequence, read_examples, split_examples, tokenize
+from gfprune_ray.data import mean_tokens_per_sequence, read_examples
 from gfprune_ray.evaluate import QualityReference, efficiency
-from gfprune_ray.flops import prunable_macs
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
 from gfprune_ray.pipeline import calibrate, reconstruct_sites, score_sites, search_masks
+from gfprune_ray.single import PruneOptions, prepare_batches
 from gfprune_ray.surgery import apply_pruning
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,13 +63,11 @@ def plain_forward(model, batches) -> None:
 def prepare(source: str, args) -> dict:
     model, tokenizer = load_model(source)
     adapter = adapter_for(model)
-    examples = read_examples(args.data)
-    calib, evaluation = split_examples(examples, args.samples, args.eval_samples, seed=0)
-    calib_batches = tokenize(tokenizer, calib.texts, args.seq_len, args.batch_size)
-    eval_batches = tokenize(tokenizer, evaluation.texts, args.seq_len, args.batch_size)
+    opts = PruneOptions(samples=args.samples, eval_samples=args.eval_samples, seq_len=args.seq_len, batch_size=args.batch_size)
+    calib_batches, eval_batches, labels = prepare_batches(tokenizer, read_examples(args.data), opts.validate())
     _, forward_s = timed(plain_forward, model, calib_batches)
     calibration, collect_s = timed(calibrate, adapter, calib_batches, mean_tokens_per_sequence(calib_batches))
-    reference = QualityReference(model, adapter, eval_batches, evaluation.labels)
+    reference = QualityReference(model, adapter, eval_batches, labels)
     return dict(model=model, adapter=adapter, calibration=calibration, reference=reference,
                 forward_s=forward_s, collect_s=collect_s, tokens=calibration.total.tokens)
 
@@ -84,8 +82,7 @@ def run_one(ctx: dict, scores, method, budget, reconstruction, allocation, args,
     row |= ctx["reference"].measure(pruned.model)
     batch_sizes = (1, 32) if with_latency else ()  # MACs and params always, latency where asked
     row |= efficiency(adapter, pruned, args.seq_len, batch_sizes, args.latency_repeats)
-    geoms = adapter.geometries()
-    row["kept_prunable_macs"] = masks.kept_macs(geoms, calibration.seq_len) / prunable_macs(geoms, calibration.seq_len)
+    row["kept_prunable_macs"] = masks.kept_fraction(adapter.geometries(), calibration.seq_len)
     row |= dict(search_s=search_s, reconstruct_s=reconstruct_s, surgery_s=surgery_s)
     return row
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .flops import check_budget, prunable_macs
+from .flops import check_budget
 from .methods import get_method
 from .models import Adapter
 from .reconstruct import MODES, Reconstruction, reconstruct
@@ -131,6 +131,5 @@ def plan(
     start = time.perf_counter()
     weights = reconstruct_sites(adapter, masks, calibration, reconstruction)
     timings["reconstruct_s"] = time.perf_counter() - start
-    geoms = adapter.geometries()
-    kept = masks.kept_macs(geoms, calibration.seq_len) / prunable_macs(geoms, calibration.seq_len)
+    kept = masks.kept_fraction(adapter.geometries(), calibration.seq_len)
     return PruneResult(masks, weights, budget, kept, timings)

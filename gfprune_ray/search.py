@@ -32,6 +32,10 @@ class Masks:
     def kept_macs(self, geoms: list[BlockGeometry], seq_len: float) -> float:
         return sum(int(m.sum()) * unit_macs(geoms[i], kind, seq_len) for (i, kind), m in self.keep.items())
 
+    def kept_fraction(self, geoms: list[BlockGeometry], seq_len: float) -> float:
+        """Fraction of the prunable MACs these masks keep: what the budget bounds."""
+        return self.kept_macs(geoms, seq_len) / prunable_macs(geoms, seq_len)
+
     def kept_indices(self, site: Site) -> torch.Tensor:
         return self.keep[site].nonzero().flatten()
 

@@ -186,10 +186,12 @@ def load_stats(path: str | Path, fingerprint: str | None, adapter: Adapter | Non
             raise UserError(
                 f"{path}: statistics fingerprint {found} does not match this model and data ({fingerprint})"
             )
+        if meta.get("format") != str(FORMAT_VERSION):
+            raise UserError(f"{path}: not a gfprune-ray statistics file of format {FORMAT_VERSION} (found {meta.get('format')!r})")
         parts: dict[str, dict] = {}
         for key in f.keys():
             fields = key.split("/")
-            if meta.get("format") != str(FORMAT_VERSION) or len(fields) != 4 or not fields[1].isdigit():
+            if len(fields) != 4 or not fields[1].isdigit():
                 raise UserError(f"{path}: not a gfprune-ray statistics file (unexpected tensor {key!r})")
             part, layer, kind, name = fields
             parts.setdefault(part, {}).setdefault((int(layer), kind), {})[name] = f.get_tensor(key)
