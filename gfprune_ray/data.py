@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,14 +135,28 @@ def read_examples(source: str) -> Examples:
     return examples
 
 
+def example_key(seed: int, text: str) -> int:
+    """A seeded pseudo-random sort key of one example (63 bits, fits an int64 column).
+
+    Sorting by this key is the seeded shuffle: it needs no global index, so the farm can select
+    the same examples with a distributed sort over Ray Data as the single process does here."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def split_sizes(total: int, calibration: int, evaluation: int) -> tuple[int, int]:
+    """(calibration, evaluation) counts: evaluation takes at most half of the examples."""
+    if total < 2:
+        raise UserError(f"need at least 2 examples to split calibration from evaluation, got {total}")
+    n_eval = min(evaluation, total // 2)
+    return min(calibration, total - n_eval), n_eval
+
+
 def split_examples(examples: Examples, calibration: int, evaluation: int, seed: int) -> tuple[Examples, Examples]:
-    """Disjoint, seeded calibration and evaluation examples."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    if len(order) < 2:
-        raise UserError(f"need at least 2 examples to split calibration from evaluation, got {len(order)}")
-    n_eval = min(evaluation, len(order) // 2)
-    n_calib = min(calibration, len(order) - n_eval)
+    """Disjoint, seeded calibration and evaluation examples: in seeded-key order, the first
+    `evaluation` are evaluated, the next `calibration` calibrate."""
+    order = sorted(range(len(examples)), key=lambda i: (example_key(seed, examples.texts[i]), i))
+    n_calib, n_eval = split_sizes(len(order), calibration, evaluation)
     return examples.subset(order[n_eval : n_eval + n_calib]), examples.subset(order[:n_eval])
 
 

@@ -18,7 +18,7 @@ from .methods import get_method
 from .models import Adapter
 from .reconstruct import MODES, Reconstruction, reconstruct
 from .search import SEARCHES, Masks, Site
-from .stats import ModelStats, collect_stats
+from .stats import ModelStats, collect_split
 
 HELDOUT_EVERY = 5  # every 5th calibration example is held out to choose the ridge of `full`
 
@@ -36,28 +36,29 @@ class Calibration:
         return self.fit + self.heldout
 
 
-def split_heldout(batches: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Every HELDOUT_EVERY-th calibration example is held out (the last one when there are fewer).
-
-    The split is by example position, not by batch, so it does not depend on the batch size and a
-    single batch still yields disjoint fit and held-out tokens."""
-    total = sum(len(b["input_ids"]) for b in batches)
+def heldout_rows(total: int) -> torch.Tensor:
+    """Which of `total` calibration examples are held out: every HELDOUT_EVERY-th one (the last
+    one when there are fewer). By example position, so independent of the batch size."""
     if total < 2:
         raise ValueError(f"need at least 2 calibration examples to hold one out, got {total}")
-    fit, heldout, offset = [], [], 0
+    rows = torch.arange(total)
+    return rows == total - 1 if total < HELDOUT_EVERY else rows % HELDOUT_EVERY == HELDOUT_EVERY - 1
+
+
+def mark_heldout(batches: list[dict]) -> list[dict]:
+    """The batches with a per-row `heldout` flag, ready for `collect_split`."""
+    held = heldout_rows(sum(len(b["input_ids"]) for b in batches))
+    out, offset = [], 0
     for batch in batches:
-        rows = torch.arange(offset, offset + len(batch["input_ids"]))
-        offset += len(rows)
-        held = rows == total - 1 if total < HELDOUT_EVERY else rows % HELDOUT_EVERY == HELDOUT_EVERY - 1
-        for target, keep in ((fit, ~held), (heldout, held)):
-            if keep.any():
-                target.append({k: v[keep] for k, v in batch.items()})
-    return fit, heldout
+        n = len(batch["input_ids"])
+        out.append(batch | {"heldout": held[offset : offset + n]})
+        offset += n
+    return out
 
 
 def calibrate(adapter: Adapter, batches: list[dict], seq_len: float, on_batch: Callable[[int], None] | None = None) -> Calibration:
-    fit, heldout = split_heldout(batches)
-    return Calibration(collect_stats(adapter, fit, on_batch), collect_stats(adapter, heldout, on_batch), seq_len)
+    fit, heldout = collect_split(adapter, mark_heldout(batches), on_batch)
+    return Calibration(fit, heldout, seq_len)
 
 
 def site_generator(seed: int, site: Site) -> torch.Generator:

@@ -93,33 +93,40 @@ def empty_stats(adapter: Adapter) -> ModelStats:
 
 
 @torch.inference_mode()
-def collect_stats(
+def collect_split(
     adapter: Adapter,
     batches: Iterable[dict[str, torch.Tensor]],
     on_batch: Callable[[int], None] | None = None,
-) -> ModelStats:
+) -> tuple[ModelStats, ModelStats]:
     """One forward pass over `batches` (dicts with input_ids and attention_mask) with hooks that
-    accumulate every site's statistics over the non-padding tokens."""
-    stats = empty_stats(adapter)
+    accumulate every site's statistics over the non-padding tokens.
+
+    A batch may carry a boolean `heldout` flag per row: tokens of flagged rows go to the second
+    statistics, the rest to the first, so fit and held-out statistics cost one pass together."""
+    fit, heldout = empty_stats(adapter), empty_stats(adapter)
     current: dict[str, torch.Tensor] = {}
 
     def hook_for(key: tuple[int, Kind]):
         def hook(_module, args):
             x = args[0]  # (batch, seq, width), or (batch * seq, width) where a model flattens (OPT)
-            stats.sites[key].add_(x.reshape(-1, x.shape[-1])[current["mask"]])
+            x = x.reshape(-1, x.shape[-1])[current["mask"]]
+            fit.sites[key].add_(x[~current["held"]])
+            if current["any_held"]:
+                heldout.sites[key].add_(x[current["held"]])
 
         return hook
 
-    handles = [
-        adapter.output_projection(i, kind).register_forward_pre_hook(hook_for((i, kind)))
-        for (i, kind) in stats.sites
-    ]
+    handles = [adapter.output_projection(i, kind).register_forward_pre_hook(hook_for((i, kind))) for (i, kind) in fit.sites]
     model = adapter.model
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
-            current["mask"] = batch["attention_mask"].bool().flatten()
+            mask = batch["attention_mask"].bool()
+            rows = batch.get("heldout", torch.zeros(len(mask), dtype=torch.bool)).bool()
+            current["mask"] = mask.flatten()
+            current["held"] = rows[:, None].expand_as(mask)[mask]
+            current["any_held"] = bool(rows.any())
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             if on_batch is not None:
                 on_batch(int(current["mask"].sum()))
@@ -127,7 +134,16 @@ def collect_stats(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return stats
+    return fit, heldout
+
+
+def collect_stats(
+    adapter: Adapter,
+    batches: Iterable[dict[str, torch.Tensor]],
+    on_batch: Callable[[int], None] | None = None,
+) -> ModelStats:
+    """Statistics of all tokens of `batches` (one forward pass)."""
+    return collect_split(adapter, ({k: v for k, v in b.items() if k != "heldout"} for b in batches), on_batch)[0]
 
 
 # ---- fingerprints ---------------------------------------------------------------------------

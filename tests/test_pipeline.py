@@ -295,7 +295,7 @@ def test_minilm_full_reconstruction_beats_none_on_unseen_tokens():
 
 
 def test_heldout_split_is_by_example_and_independent_of_batch_size():
-    from gfprune_ray.pipeline import HELDOUT_EVERY, split_heldout
+    from gfprune_ray.pipeline import HELDOUT_EVERY, heldout_rows, mark_heldout
 
     model = tiny_model("bert")
     adapter = adapter_for(model)
@@ -307,11 +307,11 @@ def test_heldout_split_is_by_example_and_independent_of_batch_size():
             other = getattr(large, part)[site]
             assert int(s.n) == int(other.n)
             assert torch.linalg.norm(s.gram - other.gram) <= 1e-6 * torch.linalg.norm(other.gram)
-    fit, held = split_heldout(as_batches(12))  # one batch still gives disjoint parts
-    assert sum(len(b["input_ids"]) for b in held) == 12 // HELDOUT_EVERY
-    assert sum(len(b["input_ids"]) for b in fit) == 12 - 12 // HELDOUT_EVERY
-    fit, held = split_heldout([{k: v[:3] for k, v in examples.items()}])  # fewer than HELDOUT_EVERY: the last
-    assert [len(b["input_ids"]) for b in fit] == [2] and [len(b["input_ids"]) for b in held] == [1]
+    held = heldout_rows(12)  # one batch still gives disjoint parts
+    assert int(held.sum()) == 12 // HELDOUT_EVERY
+    assert heldout_rows(3).tolist() == [False, False, True]  # fewer than HELDOUT_EVERY: the last
+    marked = mark_heldout(as_batches(4))
+    assert torch.cat([b["heldout"] for b in marked]).equal(held)
 
 
 def test_bare_decoder_is_judged_by_fidelity_and_bf16_survives_reload(tmp_path):

@@ -13,6 +13,7 @@ from gfprune_ray.models import adapter_for
 from gfprune_ray.stats import (
     GramStats,
     ModelStats,
+    collect_split,
     collect_stats,
     load_stats,
     save_stats,
@@ -53,6 +54,17 @@ def test_shard_sums_equal_sum_over_all_data(name):
     # the statistics are not trivially zero: the test would not pass by accident
     for s in whole.sites.values():
         assert float(s.gram.diagonal().sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["bert", "opt"])
+def test_heldout_rows_go_to_their_own_statistics_in_the_same_pass(name):
+    adapter = adapter_for(tiny_model(name))
+    batches = tiny_batches(n_batches=2, seed=4)
+    flags = [torch.tensor([True, False, False, True]), torch.tensor([False, False, False, False])]
+    fit, held = collect_split(adapter, [b | {"heldout": f} for b, f in zip(batches, flags)])
+    rows = lambda keep: [{k: v[m] for k, v in b.items()} for b, f in zip(batches, flags) for m in [f == keep] if m.any()]
+    _assert_stats_close(fit, collect_stats(adapter, rows(False)), 1e-6)
+    _assert_stats_close(held, collect_stats(adapter, rows(True)), 1e-6)
 
 
 @pytest.mark.parametrize("name", ["bert", "distilbert", "gpt2", "opt", "llama"])
