@@ -104,6 +104,95 @@ def evaluate(
     _print_report(f"{path}", report["metrics"])
 
 
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--{what} expects comma-separated numbers, got {text!r}")
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
+@app.command()
+def sweep(
+    models: Path | None = typer.Option(
+        None, "--models", "-m", help="Models file: one local folder or hub id per line, optional key=value overrides (budgets=0.8,0.6 method=gfp seq-len=64 task=lm); # comments."
+    ),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Campaign YAML (same keys as these options, with underscores); options given here override it."),
+    budgets: str | None = typer.Option(None, "--budgets", "-b", help="Fractions of prunable MACs to keep, comma-separated, each in (0, 1].", show_default="0.9,0.8,0.7,0.6"),
+    methods: str | None = typer.Option(None, "--methods", help="Scoring methods, comma-separated: gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random.", show_default="gfp"),
+    data: str | None = typer.Option(None, "--data", "-d", help=DATA_HELP + " A datasets.save_to_disk folder works too.", show_default="pydoc"),
+    samples: int | None = typer.Option(None, help="Calibration examples (every 5th is held out to tune reconstruction).", show_default="256"),
+    eval_samples: int | None = typer.Option(None, help="Evaluation examples, disjoint from calibration.", show_default="256"),
+    seq_len: int | None = typer.Option(None, help="Tokens per example.", show_default="128"),
+    batch_size: int | None = typer.Option(None, help="Sequences per forward pass.", show_default="32"),
+    seed: int | None = typer.Option(None, help="Seed of the data split and of the random method.", show_default="0"),
+    reconstruct: str | None = typer.Option(None, help="New weights for kept units: full, scale or none.", show_default="full"),
+    allocation: str | None = typer.Option(None, help="global or uniform (same ratio per layer).", show_default="global"),
+    workers: int | None = typer.Option(None, help="Collection actors per model (one GPU each where the cluster has GPUs).", show_default="1"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Pruned models go to OUT/<model>/<method>-<budget>; the summary table and plot to OUT.", show_default="runs/sweep"),
+    experiment: str | None = typer.Option(None, help="MLflow experiment name.", show_default="gfprune"),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)."),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)."),
+    save_models: bool | None = typer.Option(None, "--save-models/--no-save-models", help="Write pruned models (to OUT and as MLflow artifacts).", show_default="save"),
+    cache_dir: Path | None = typer.Option(None, help="Statistics cache, reused by later campaigns (default: GFPRUNE_RAY_CACHE or ~/.cache/gfprune-ray)."),
+    latency_repeats: int | None = typer.Option(None, help="Timed forward passes per latency measurement.", show_default="5"),
+) -> None:
+    """Prune many models at many MACs budgets on Ray; record every result in MLflow.
+
+    Statistics are collected once per model and reused for every method and budget (and by later
+    campaigns). Rerunning the same campaign skips the units that finished. Exits with 1 when a
+    model or unit failed (the others still finish), with 2 on bad input."""
+    from .campaign import load_campaign
+    from .sweep import run_sweep
+
+    options = {
+        "budgets": _floats(budgets, "budgets"), "methods": _names(methods), "data": data, "samples": samples,
+        "eval_samples": eval_samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
+        "reconstruction": reconstruct, "allocation": allocation, "workers": workers, "out": out, "experiment": experiment,
+        "address": address, "tracking_uri": tracking_uri, "save_models": save_models, "cache_dir": cache_dir,
+        "latency_repeats": latency_repeats,
+    }
+    campaign = _run(lambda: load_campaign(config, models, **options))
+    result = _run(lambda: run_sweep(campaign))
+    typer.echo(f"summary: {result.summary['md']}  plot: {result.summary['plot']}  (MLflow experiment {campaign.experiment!r})")
+    if result.failures:
+        typer.echo(f"{len(result.failures)} failed:", err=True)
+        for line in result.failures:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    experiment: str = typer.Argument(..., help="MLflow experiment name."),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)."),
+    campaign: str | None = typer.Option(None, help="Campaign key (tag gfprune_campaign); default: the latest campaign."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown instead."),
+) -> None:
+    """Print a campaign's summary table from MLflow."""
+    from .report import print_table, to_markdown
+    from .tracking import Tracker
+
+    def records():
+        tracker = Tracker(tracking_uri, experiment, create=False)
+        key = campaign or tracker.latest_campaign()
+        found = tracker.unit_records(key) if key else []
+        if not found:
+            raise UserError(f"experiment {experiment!r} has no campaign results" + (f" for {key}" if key else ""))
+        return key, found
+
+    key, found = _run(records)
+    if markdown:
+        typer.echo(to_markdown(found), nl=False)
+    else:
+        print_table(found, f"{experiment}: campaign {key} ({len(found)} units)")
+
+
 def main() -> None:
     app(prog_name="gfprune-ray")
 

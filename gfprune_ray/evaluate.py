@@ -94,11 +94,18 @@ def has_classifier(model: nn.Module) -> bool:
 class QualityReference:
     """What the dense model scores on the evaluation batches, computed once and reused per prune."""
 
-    def __init__(self, dense: nn.Module, adapter: Adapter, batches: list[dict], labels: list[int] | None = None, on_batch=None):
+    def __init__(self, dense: nn.Module, adapter: Adapter, batches: list[dict], labels: list[int] | None = None, on_batch=None, task: str = "auto"):
+        """`task`: auto (perplexity for causal LMs, else fidelity; accuracy too when there are
+        labels and a classifier), embedding (fidelity only), lm or classification (required)."""
         # perplexity needs an LM head; a bare decoder (GPT2Model) is judged by fidelity like an encoder
-        self.causal = adapter.causal and dense.get_output_embeddings() is not None
+        is_lm = adapter.causal and dense.get_output_embeddings() is not None
+        if task == "lm" and not is_lm:
+            raise ValueError(f"task=lm needs a causal language model with an LM head, not {type(dense).__name__}")
+        if task == "classification" and (labels is None or not has_classifier(dense)):
+            raise ValueError("task=classification needs a sequence classifier and integer labels in the data")
+        self.causal = is_lm and task != "embedding"
         self.batches = batches
-        self.labels = labels if labels is not None and has_classifier(dense) else None
+        self.labels = labels if labels is not None and has_classifier(dense) and task != "embedding" else None
         if self.causal:
             self.dense_value = perplexity(dense, batches, on_batch)
         else:

@@ -69,6 +69,18 @@ def _quiet_local_load(local: bool) -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """The tokenizer of a model, ready for padded batches."""
+    where = resolve_model(source)
+    try:
+        with _quiet_local_load(Path(where).is_dir()):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load the tokenizer of {source}: {first_line}") from None
+    return prepare_tokenizer(tokenizer)
+
+
 def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """(model, tokenizer) in eval mode. The class named in the config is kept, task heads included;
     models pruned by gfprune-ray load through `load_pruned`."""

@@ -28,3 +28,29 @@ def table(title: str, rows: list[tuple[str, str]]) -> None:
     for name, value in rows:
         t.add_row(name, value)
     Console().print(t)
+
+
+STAGES = ("collect", "score", "search", "reconstruct", "evaluate")
+
+
+class StageProgress:
+    """One display with a bar per farm stage across all models; totals grow as work is submitted."""
+
+    def __init__(self, stages: tuple[str, ...] = STAGES):
+        self.progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.tasks = {s: self.progress.add_task(s, total=0) for s in stages}
+
+    def __enter__(self) -> StageProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def add(self, stage: str, n: int) -> None:
+        task = self.tasks[stage]
+        self.progress.update(task, total=self.progress.tasks[task].total + n)
+
+    def set_done(self, stage: str, done: int) -> None:
+        task = self.tasks[stage]
+        self.progress.update(task, completed=min(done, self.progress.tasks[task].total))

@@ -1,0 +1,298 @@
+"""The farm's Ray stages: each one a remote call around a pure function of the core.
+
+    describe (task)          load the model once: fingerprint, geometry, per-site weights
+    Collector (actors)       each holds the model and sums statistics over one shard of the text
+    add_pair (tasks)         a tree of additions reduces the shards' statistics, per site
+    score_site (tasks)       one per (model, method, site)
+    search (task)            one per (model, method, budget): masks under the MACs budget
+    reconstruct_site (tasks) one per (model, method, budget, site): new output weights
+    reference (task)         one per model: what the dense model scores on the evaluation text
+    evaluate_unit (task)     one per (model, method, budget): cut, measure, pack the saved model
+
+Arguments are object refs wherever a stage consumes another's output, so statistics and weights
+move between workers through the object store, not through the driver. Every stage returns a
+`Timed` value so the driver can record how long each piece of work took where it ran.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import ray
+import torch
+
+from .evaluate import QualityReference, efficiency
+from .methods import get_method
+from .models import BlockGeometry, UnitWeights, adapter_for
+from .pipeline import site_generator
+from .ray_data import iter_torch_batches, shard
+from .reconstruct import reconstruct
+from .search import SEARCHES, Site
+from .stats import collect_split, weights_fingerprint
+from .surgery import apply_pruning, save_pruned
+
+LOCAL_OBJECT_STORE = 1536 * 1024**2  # the default would reserve ~30% of RAM for the object store
+RETRIES = 2
+
+
+class Timed(NamedTuple):
+    value: Any
+    seconds: float
+
+
+def connect(address: str | None = None) -> None:
+    """Attach to the Ray cluster at `address` (or RAY_ADDRESS); else start an embedded one."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    common = {"logging_level": logging.WARNING, "log_to_driver": False}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **common)
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data keeps row order (the selection and the fingerprint rely on it), draws no bars of
+    its own (the farm draws one display for all stages) and sorts small data in few partitions."""
+    import ray.data  # importing configures its logger: set the level after that
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.execution_options.preserve_order = True
+    # the default of 200 sort partitions costs seconds of task overhead on a small machine
+    context.default_hash_shuffle_parallelism = max(4, 2 * int(ray.cluster_resources().get("CPU", 2)))
+
+
+def gpus_available() -> bool:
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _threads(n: float) -> None:
+    # Ray sets OMP_NUM_THREADS to a task's CPU count; torch must be told as well
+    torch.set_num_threads(max(1, int(n)))
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _load(source: str):
+    from .loading import load_model
+
+    model, tokenizer = load_model(source)
+    return adapter_for(model), tokenizer
+
+
+def _returns(refs, n: int) -> list:
+    """A call with num_returns=1 gives one ref, not a list of one."""
+    return [refs] if n == 1 else list(refs)
+
+
+# ---- describe ------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    fingerprint: str
+    geometries: list[BlockGeometry]
+    sites: list[Site]
+    max_positions: int | None
+    architecture: str
+
+
+@ray.remote(num_cpus=1)
+def describe(source: str) -> ModelInfo:
+    adapter, _ = _load(source)
+    geoms = adapter.geometries()
+    sites = [(i, kind) for i, g in enumerate(geoms) for kind in ("attn", "ffn") if g.count(kind)]
+    return ModelInfo(weights_fingerprint(adapter.model), geoms, sites, adapter.max_positions(), type(adapter.model).__name__)
+
+
+@ray.remote(num_cpus=1)
+def site_weights(source: str, sites: list[Site]) -> tuple[UnitWeights, ...]:
+    adapter, _ = _load(source)
+    weights = tuple(adapter.unit_weights(*site) for site in sites)
+    return weights if len(weights) > 1 else weights[0]
+
+
+def submit_site_weights(source: str, sites: list[Site]) -> dict[Site, ray.ObjectRef]:
+    return dict(zip(sites, _returns(site_weights.options(num_returns=len(sites)).remote(source, sites), len(sites))))
+
+
+# ---- collect and reduce --------------------------------------------------------------------
+
+
+@ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)
+class Collector:
+    """Holds one model and sums statistics over the shards it is given.
+
+    `collect` is a pure function of its shard (no state carries over between calls), so when
+    the actor dies Ray restarts it and re-runs the call, and the result is still exact."""
+
+    def __init__(self, source: str, threads: float):
+        _threads(threads)
+        self.adapter, _ = _load(source)
+        self.adapter.model.to(_device())
+
+    def collect(self, shard_ds, batch_size: int, counter=None) -> tuple:
+        start = time.perf_counter()
+        device = _device()
+
+        def batches():
+            for batch in iter_torch_batches(shard_ds, batch_size):
+                yield {k: v.to(device) for k, v in batch.items()}
+                if counter is not None:
+                    counter.add.remote(1)
+
+        fit, held = collect_split(self.adapter, batches())
+        seconds = time.perf_counter() - start
+        pairs = tuple(Timed((fit.sites[s], held.sites[s]), seconds) for s in fit.sites)
+        return pairs if len(pairs) > 1 else pairs[0]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote(num_cpus=0)
+class Counter:
+    """Progress of work that reports in pieces (batches collected), polled by the driver."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def value(self) -> int:
+        return self.count
+
+
+@ray.remote(num_cpus=1)
+def add_pair(a: Timed, b: Timed) -> Timed:
+    (fit_a, held_a), (fit_b, held_b) = a.value, b.value
+    return Timed((fit_a + fit_b, held_a + held_b), max(a.seconds, b.seconds))
+
+
+def reduce_tree(refs: list[ray.ObjectRef]) -> ray.ObjectRef:
+    """Sum partial statistics pairwise, level by level: log2(n) rounds of tasks, no driver loop
+    over the data."""
+    while len(refs) > 1:
+        paired = [add_pair.remote(refs[i], refs[i + 1]) for i in range(0, len(refs) - 1, 2)]
+        refs = paired + ([refs[-1]] if len(refs) % 2 else [])
+    return refs[0]
+
+
+def collector_resources(workers: int) -> dict:
+    """One GPU per actor where the cluster has GPUs; else an equal share of one node's CPUs."""
+    if gpus_available():
+        return {"num_gpus": 1, "num_cpus": 1}
+    per_node = max(n.get("Resources", {}).get("CPU", 1) for n in ray.nodes() if n.get("Alive"))
+    return {"num_cpus": max(1, int(per_node // workers))}
+
+
+def submit_collection(source: str, data, sites: list[Site], workers: int, batch_size: int, counter=None) -> dict[Site, ray.ObjectRef]:
+    """Start `workers` actors on disjoint shards; returns one reduced (fit, heldout) ref per site.
+
+    The actor handles are dropped here: Ray ends each actor once its call has finished."""
+    resources = collector_resources(workers)
+    shards = shard(data, workers)
+    partials = []
+    for part in shards:
+        actor = Collector.options(**resources).remote(source, resources["num_cpus"])
+        call = actor.collect.options(num_returns=len(sites)).remote(part, batch_size, counter)
+        partials.append(_returns(call, len(sites)))
+    return {site: reduce_tree([p[j] for p in partials]) for j, site in enumerate(sites)}
+
+
+# ---- score, search, reconstruct ------------------------------------------------------------
+
+
+@ray.remote(num_cpus=1)
+def score_site(method: str, weights: UnitWeights, pair: Timed, seed: int, site: Site) -> Timed:
+    _threads(1)
+    start = time.perf_counter()
+    fit, held = pair.value
+    scores = get_method(method)(weights, fit + held, site_generator(seed, site))
+    return Timed(scores, time.perf_counter() - start)
+
+
+@ray.remote(num_cpus=1)
+def search(allocation: str, budget: float, seq_len: float, geometries: list[BlockGeometry], sites: list[Site], *scores: Timed) -> Timed:
+    start = time.perf_counter()
+    masks = SEARCHES[allocation](dict(zip(sites, (s.value for s in scores))), geometries, budget, seq_len)
+    return Timed(masks, time.perf_counter() - start)
+
+
+@ray.remote(num_cpus=1)
+def reconstruct_site(mode: str, masks: Timed, site: Site, weights: UnitWeights, pair: Timed) -> Timed:
+    """New weights for one site, or None where the masks keep every unit of it."""
+    _threads(1)
+    start = time.perf_counter()
+    keep = masks.value.keep[site]
+    result = None
+    if not bool(keep.all()):
+        fit, held = pair.value
+        result = reconstruct(mode, weights.out, weights.bias, keep.nonzero().flatten(), weights.width, fit, held)
+    return Timed(result, time.perf_counter() - start)
+
+
+# ---- evaluate ------------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=1)
+def reference(source: str, eval_data, batch_size: int, task: str) -> QualityReference:
+    _threads(1)
+    adapter, _ = _load(source)
+    batches = [{k: v for k, v in b.items() if k != "heldout"} for b in iter_torch_batches(eval_data, batch_size)]
+    labels = None
+    if "label" in eval_data.columns():
+        labels = [int(r["label"]) for r in eval_data.select_columns(["label"]).iter_rows()]
+    return QualityReference(adapter.model, adapter, batches, labels, task=task)
+
+
+@dataclass
+class EvalSpec:
+    source: str
+    sites: list[Site]
+    latency_seq_len: int
+    latency_repeats: int
+    save: bool
+    record: dict  # written as gfprune.json beside a saved model
+
+
+def _pack(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@ray.remote(num_cpus=1)
+def evaluate_unit(spec: EvalSpec, ref: QualityReference, masks: Timed, *recs: Timed) -> dict:
+    """Cut a copy of the model, measure it against the dense one, pack the saved model's files."""
+    _threads(1)
+    start = time.perf_counter()
+    dense, tokenizer = _load(spec.source)
+    pruned = adapter_for(copy.deepcopy(dense.model))
+    weights = {site: r.value for site, r in zip(spec.sites, recs) if r.value is not None}
+    apply_pruning(pruned, masks.value, weights)
+    metrics = ref.measure(pruned.model) | efficiency(dense, pruned, seq_len=spec.latency_seq_len, repeats=spec.latency_repeats)
+    metrics["kept_prunable_macs"] = masks.value.kept_fraction(dense.geometries(), spec.record["mean_seq_len"])
+    files = None
+    if spec.save:
+        with tempfile.TemporaryDirectory() as folder:
+            record = spec.record | {"metrics": metrics, "sizes": pruned.sizes(), "masks": masks.value.to_json()}
+            save_pruned(pruned.model, folder, tokenizer, record)
+            files = _pack(Path(folder))
+    timings = {"search_s": masks.seconds, "reconstruct_s": sum(r.seconds for r in recs), "evaluate_s": time.perf_counter() - start}
+    return {"metrics": metrics, "timings": timings, "masks": masks.value.to_json(), "sizes": pruned.sizes(), "files": files}

@@ -1,0 +1,168 @@
+"""The campaign's text on Ray Data: read in parallel, select, tokenize in parallel, shard.
+
+Examples are chosen exactly as the single process chooses them (`data.split_examples`): sorted by
+a seeded per-example key, the first ones evaluate and the next ones calibrate. A distributed sort
+needs no global index, so the selection does not depend on how files are split into blocks, and a
+sweep prunes with the very examples that `gfprune-ray prune` would use.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from .data import BUNDLED, JSON_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, example_key, pydoc_paragraphs, split_sizes
+from .errors import UserError
+from .pipeline import heldout_rows
+
+
+def _hf_dataset(source: str):
+    """A datasets.Dataset from a `save_to_disk` folder or a hub name (its train split)."""
+    import datasets
+
+    try:
+        if Path(source).is_dir():
+            loaded = datasets.load_from_disk(source)
+            return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(source, split="train")
+    except Exception as exc:  # no network, unknown name, unreadable folder: one line for the user
+        raise UserError(f"data not found: {source!r} is neither a file nor a loadable dataset ({type(exc).__name__})") from None
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def _read_files(files: list[Path]) -> ray.data.Dataset:
+    by_kind = {
+        "text": [f for f in files if f.suffix.lower() in TEXT_SUFFIXES],
+        "json": [f for f in files if f.suffix.lower() in JSON_SUFFIXES],
+        "parquet": [f for f in files if f.suffix.lower() in PARQUET_SUFFIXES],
+    }
+    readers = {"text": ray.data.read_text, "json": functools.partial(ray.data.read_json, lines=True), "parquet": ray.data.read_parquet}
+    parts = []
+    for kind, paths in by_kind.items():
+        if paths:
+            ds = readers[kind]([str(p) for p in paths])
+            if "text" not in ds.columns():
+                raise UserError(f"{paths[0]}: records have no 'text' field (found: {', '.join(ds.columns())})")
+            parts.append(ds.select_columns([c for c in ("text", "label") if c in ds.columns()]))
+    if not parts:
+        raise UserError("no text, JSONL or Parquet files found")
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def read_dataset(source: str) -> ray.data.Dataset:
+    """The examples of a data source as a Ray Dataset with a `text` column (and `label` if any)."""
+    if source == BUNDLED:
+        return ray.data.from_items([{"text": t} for t in pydoc_paragraphs()])
+    path = Path(source)
+    if _is_saved_dataset(path) or not path.exists() and not path.suffix and not source.startswith((".", "/", "~")):
+        dataset = _hf_dataset(source)
+        if "text" not in dataset.column_names:
+            raise UserError(f"dataset {source!r} has no 'text' column")
+        return ray.data.from_huggingface(dataset.select_columns([c for c in ("text", "label") if c in dataset.column_names]))
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES)
+        if not files:
+            raise UserError(f"{source}: no text, JSONL or Parquet files in this folder")
+        return _read_files(files)
+    if not path.exists():
+        raise UserError(f"data not found: {source}")
+    return _read_files([path])
+
+
+def _keyed(batch: dict, seed: int) -> dict:
+    """Strip texts, drop empty ones, and add the seeded sort key (as `data.split_examples`)."""
+    texts = [str(t).strip() for t in batch["text"]]
+    keep = np.array([bool(t) for t in texts], dtype=bool)
+    out = {"text": np.array([t for t in texts if t], dtype=object)}
+    out["key"] = np.array([example_key(seed, t) for t in out["text"]], dtype=np.int64)
+    if "label" in batch:
+        out["label"] = np.asarray(batch["label"])[keep]
+    return out
+
+
+def select_examples(ds: ray.data.Dataset, samples: int, eval_samples: int, seed: int, source: str = "data") -> tuple[list[dict], list[dict]]:
+    """(calibration rows, evaluation rows), each row {text, heldout[, label]}, in key order."""
+    try:
+        keyed = ds.map_batches(_keyed, fn_kwargs={"seed": seed}, batch_format="numpy").materialize()
+        total = keyed.count()
+    except UserError:
+        raise
+    except Exception as exc:  # a parse error inside a Ray Data task arrives wrapped: keep one line
+        raise UserError(f"{source}: cannot read ({str(exc).strip().splitlines()[-1][:200]})") from None
+    if total == 0:
+        raise UserError(f"{source}: no text examples")
+    n_calib, n_eval = split_sizes(total, samples, eval_samples)
+    if n_calib < 2:
+        raise UserError(f"need at least 2 calibration examples (one is held out), got {n_calib}")
+    rows = keyed.sort(["key", "text"]).limit(n_eval + n_calib).take_all()
+    labelled = all(isinstance(r.get("label"), (int, np.integer)) for r in rows)
+    clean = [{"text": r["text"]} | ({"label": int(r["label"])} if labelled else {}) for r in rows]
+    held = heldout_rows(n_calib).tolist()
+    calibration = [r | {"heldout": h} for r, h in zip(clean[n_eval:], held)]
+    return calibration, [r | {"heldout": False} for r in clean[:n_eval]]
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(source: str):
+    from .loading import load_tokenizer
+
+    return load_tokenizer(source)
+
+
+def _tokenize(batch: dict, source: str, seq_len: int) -> dict:
+    """Token ids padded to seq_len (trimmed again per batch by `as_torch`)."""
+    enc = _tokenizer(source)(list(batch["text"]), truncation=True, max_length=seq_len, padding="max_length", return_tensors="np")
+    out = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64), "heldout": batch["heldout"]}
+    if "label" in batch:
+        out["label"] = batch["label"]
+    return out
+
+
+def tokenize_rows(rows: list[dict], source: str, seq_len: int, batch_size: int) -> ray.data.MaterializedDataset:
+    """Tokenize rows with Ray Data tasks in parallel; the order of rows is kept."""
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 16)))
+    return ds.map_batches(_tokenize, fn_kwargs={"source": source, "seq_len": seq_len}, batch_size=batch_size, batch_format="numpy").materialize()
+
+
+def as_torch(batch: dict) -> dict[str, torch.Tensor]:
+    """A numpy batch from Ray Data as model inputs, padding columns that no row uses removed."""
+    mask = torch.as_tensor(batch["attention_mask"])
+    used = mask.bool().any(0)
+    out = {"input_ids": torch.as_tensor(batch["input_ids"])[:, used], "attention_mask": mask[:, used]}
+    if "heldout" in batch:
+        out["heldout"] = torch.as_tensor(np.asarray(batch["heldout"], dtype=bool))
+    return out
+
+
+def iter_torch_batches(ds: ray.data.Dataset, batch_size: int):
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        yield as_torch(batch)
+
+
+def shard(ds: ray.data.MaterializedDataset, n: int) -> list[ray.data.MaterializedDataset]:
+    """n contiguous shards of (nearly) equal row counts; none is dropped, none is empty."""
+    total = ds.count()
+    n = max(1, min(n, total))
+    if n == 1:
+        return [ds]
+    return ds.split_at_indices([total * i // n for i in range(1, n)])
+
+
+def fingerprint_and_length(ds: ray.data.Dataset, batch_size: int) -> tuple[str, float]:
+    """The same token fingerprint and mean sequence length as `data.batches_fingerprint` and
+    `data.mean_tokens_per_sequence` give for the single process's batches."""
+    digest, tokens, rows = hashlib.sha256(), 0, 0
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
+        digest.update(ids[mask].astype(np.int64).tobytes())
+        tokens += int(mask.sum())
+        rows += len(ids)
+    return digest.hexdigest()[:16], tokens / max(rows, 1)

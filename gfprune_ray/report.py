@@ -1,0 +1,109 @@
+"""A campaign's results as one table (CSV, Markdown, terminal) and one quality-vs-MACs plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+# (column, record key, format); records are flat dicts of a unit's params and metrics
+COLUMNS = [
+    ("model", "model", "{}"),
+    ("method", "method", "{}"),
+    ("budget", "budget", "{}"),
+    ("kept MACs", "kept_prunable_macs", "{:.3f}"),
+    ("MACs ratio", "macs_ratio", "{:.3f}"),
+    ("quality", "quality_metric", "{}"),
+    ("relative quality", "relative_quality", "{:.4f}"),
+    ("accuracy", "accuracy", "{:.4f}"),
+    ("params", "params", "{:,.0f}"),
+    ("speedup b32", "speedup_b32", "{:.2f}"),
+    ("vs ideal", "speedup_b32_vs_ideal", "{:.2f}"),
+    ("status", "status", "{}"),
+]
+
+
+def _sort_key(record: dict):
+    return (str(record.get("model", "")), str(record.get("method", "")), -float(record.get("budget", 0) or 0))
+
+
+def _cell(record: dict, key: str, fmt: str) -> str:
+    value = record.get(key)
+    if value is None or value == "":
+        return ""
+    try:
+        return fmt.format(float(value) if fmt != "{}" else value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    records = sorted(records, key=_sort_key)
+    used = [c for c in COLUMNS if any(r.get(c[1]) not in (None, "") for r in records)]
+    return [c[0] for c in used], [[_cell(r, key, fmt) for _, key, fmt in used] for r in records]
+
+
+def to_csv(records: list[dict]) -> str:
+    header, rows = table_rows(records)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def to_markdown(records: list[dict]) -> str:
+    header, rows = table_rows(records)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> Path:
+    """Relative quality against the fraction of the model's MACs kept, a line per model and method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in records:
+        if r.get("status") == "FINISHED" and r.get("macs_ratio") is not None and r.get("relative_quality") is not None:
+            lines.setdefault((r["model"], r["method"]), []).append((float(r["macs_ratio"]), float(r["relative_quality"])))
+    for (model, method), points in sorted(lines.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{model} / {method}")
+    ax.set_xlabel("MACs kept (pruned / dense, whole model at 128 tokens)")
+    ax.set_ylabel("relative quality (fidelity, or dense ppl / pruned ppl)")
+    ax.grid(alpha=0.3)
+    if lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_table(records: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows = table_rows(records)
+    table = Table(title=title)
+    for name in header:
+        table.add_column(name, justify="left" if name in ("model", "method", "quality", "status") else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def write_summary(records: list[dict], folder: Path) -> dict[str, Path]:
+    """summary.csv, summary.md and quality_vs_macs.png in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": folder / "summary.csv", "md": folder / "summary.md", "plot": folder / "quality_vs_macs.png"}
+    paths["csv"].write_text(to_csv(records))
+    paths["md"].write_text(to_markdown(records))
+    plot(records, paths["plot"])
+    return paths

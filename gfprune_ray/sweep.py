@@ -1,0 +1,291 @@
+"""`gfprune-ray sweep`: a campaign run on Ray and recorded in MLflow (the driver's side).
+
+For each model with unfinished units the driver prepares the model synchronously (describe it,
+tokenize the text, reuse or start the collection), then submits the whole graph of its remaining
+units as Ray tasks and moves on; a single loop then waits for results, logs each finished unit to
+MLflow and writes its pruned model. Statistics are collected once per model, whatever the number
+of methods and budgets, and are cached on disk for later campaigns.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from . import __version__
+from . import farm
+from .campaign import Campaign, ModelEntry, Unit
+from .errors import UserError
+from .progress import StageProgress
+from .ray_data import fingerprint_and_length, read_dataset, select_examples, tokenize_rows
+from .report import print_table, write_summary
+from .single import LATENCY_SEQ_LEN
+from .stats import ModelStats, load_stats, save_stats, stats_fingerprint
+from .tracking import Tracker, package_versions
+
+POLL_S = 0.25
+
+
+@dataclass
+class ModelWork:
+    """What the driver keeps per model while its units are in flight."""
+
+    entry: ModelEntry
+    name: str
+    run_id: str
+    units: list[Unit]
+    info: farm.ModelInfo | None = None
+    stats_fp: str = ""
+    stats_path: Path | None = None
+    stats_reused: bool = False
+    mean_seq_len: float = 0.0
+    tokens: int = 0
+    collect_start: float = 0.0
+    collect_s: float | None = None
+    sites: dict = field(default_factory=dict)  # site -> ref of (fit, heldout) statistics
+    scores: dict = field(default_factory=dict)  # method -> [refs per site]
+    failed: str | None = None
+
+
+@dataclass
+class SweepResult:
+    records: list[dict]
+    failures: list[str]
+    summary: dict[str, Path]
+    campaign_run: str
+
+
+def _error_text(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
+
+
+class Sweep:
+    def __init__(self, campaign: Campaign, tracker: Tracker, progress: StageProgress):
+        self.c, self.tracker, self.progress = campaign, tracker, progress
+        self.in_flight: dict[ray.ObjectRef, tuple[Unit, ModelWork]] = {}
+        self.stage_refs: dict[str, list] = {s: [] for s in ("score", "search", "reconstruct", "evaluate")}
+        self.collecting: list[ModelWork] = []
+        self.counter = None
+        self.failures: list[str] = []
+
+    # ---- preparing a model -----------------------------------------------------------------
+
+    def prepare(self, work: ModelWork, calib_rows: list[dict], eval_rows: list[dict]) -> None:
+        """Everything up to submitting the model's units; raises on a model that cannot be used."""
+        source, seq_len = work.entry.source, self.c.seq_len_of(work.entry)
+        work.info = ray.get(farm.describe.remote(source))
+        if work.info.max_positions is not None and seq_len > work.info.max_positions:
+            raise UserError(f"seq-len {seq_len} exceeds the {work.info.max_positions} positions this model supports")
+        calib = tokenize_rows(calib_rows, source, seq_len, self.c.batch_size)
+        evaluation = tokenize_rows(eval_rows, source, seq_len, self.c.batch_size)
+        data_fp, work.mean_seq_len = fingerprint_and_length(calib, self.c.batch_size)
+        work.stats_fp = stats_fingerprint(work.info.fingerprint, data_fp, seq_len, self.c.samples)
+        work.stats_path = self.c.stats_dir() / f"{work.stats_fp}.safetensors"
+        sites = work.info.sites
+        if work.stats_path.exists():
+            parts = load_stats(work.stats_path, work.stats_fp)
+            work.sites = {s: ray.put(farm.Timed((parts["fit"][s], parts["heldout"][s]), 0.0)) for s in sites}
+            work.stats_reused, work.collect_s = True, 0.0
+            work.tokens = parts["fit"].tokens + parts["heldout"].tokens
+        else:
+            n_batches = -(-len(calib_rows) // self.c.batch_size)
+            self.progress.add("collect", n_batches)
+            work.collect_start = time.perf_counter()
+            work.sites = farm.submit_collection(source, calib, sites, self.c.workers, self.c.batch_size, self.counter)
+            self.collecting.append(work)
+        self.submit_units(work, evaluation)
+
+    def submit_units(self, work: ModelWork, evaluation) -> None:
+        info, c = work.info, self.c
+        weights = farm.submit_site_weights(work.entry.source, info.sites)
+        ref = farm.reference.remote(work.entry.source, evaluation, c.batch_size, work.entry.task)
+        for method in dict.fromkeys(u.method for u in work.units):
+            work.scores[method] = [farm.score_site.remote(method, weights[s], work.sites[s], c.seed, s) for s in info.sites]
+            self._track("score", work.scores[method])
+        for unit in work.units:
+            masks = farm.search.remote(c.allocation, unit.budget, work.mean_seq_len, info.geometries, info.sites, *work.scores[unit.method])
+            recs = [farm.reconstruct_site.remote(c.reconstruction, masks, s, weights[s], work.sites[s]) for s in info.sites]
+            self._track("search", [masks])
+            self._track("reconstruct", recs)
+            spec = farm.EvalSpec(work.entry.source, info.sites, self._latency_seq_len(info), c.latency_repeats, c.save_models, self._record(unit, work))
+            result = farm.evaluate_unit.remote(spec, ref, masks, *recs)
+            self._track("evaluate", [result])
+            self.in_flight[result] = (unit, work)
+
+    def _track(self, stage: str, refs: list) -> None:
+        self.stage_refs[stage].extend(refs)
+        self.progress.add(stage, len(refs))
+
+    @staticmethod
+    def _latency_seq_len(info: farm.ModelInfo) -> int:
+        return min(LATENCY_SEQ_LEN, info.max_positions or LATENCY_SEQ_LEN)
+
+    def _options(self, unit: Unit) -> dict:
+        c = self.c
+        return {
+            "budget": unit.budget, "method": unit.method, "reconstruction": c.reconstruction, "allocation": c.allocation,
+            "samples": c.samples, "eval_samples": c.eval_samples, "seq_len": c.seq_len_of(unit.entry),
+            "batch_size": c.batch_size, "seed": c.seed, "latency_repeats": c.latency_repeats,
+        }
+
+    def _record(self, unit: Unit, work: ModelWork) -> dict:
+        """gfprune.json of a saved model: what `gfprune-ray eval` needs to re-measure it."""
+        return {
+            "gfprune_ray": __version__, "source": unit.entry.source, "data": self.c.data, "options": self._options(unit),
+            "stats_fingerprint": work.stats_fp, "mean_seq_len": work.mean_seq_len, "unit_key": unit.key,
+        }
+
+    # ---- collecting results ----------------------------------------------------------------
+
+    def poll(self) -> None:
+        """Advance the bars, cache finished statistics, record finished units."""
+        if self.counter is not None:
+            self.progress.set_done("collect", ray.get(self.counter.value.remote()))
+        for stage, refs in self.stage_refs.items():
+            if refs:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+                self.progress.set_done(stage, len(ready))
+        for work in list(self.collecting):
+            refs = list(work.sites.values())
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+            if len(ready) == len(refs):
+                self.collecting.remove(work)
+                self._cache_statistics(work)
+        if not self.in_flight:
+            return
+        done, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=POLL_S)
+        for ref in done:
+            unit, work = self.in_flight.pop(ref)
+            self._finish_unit(unit, work, ref)
+
+    def _cache_statistics(self, work: ModelWork) -> None:
+        work.collect_s = time.perf_counter() - work.collect_start
+        try:
+            pairs = dict(zip(work.sites, ray.get(list(work.sites.values()))))
+        except ray.exceptions.RayError:
+            return  # the units that needed these statistics fail and say why
+        fit = ModelStats({s: p.value[0] for s, p in pairs.items()}, work.stats_fp)
+        held = ModelStats({s: p.value[1] for s, p in pairs.items()}, work.stats_fp)
+        work.tokens = fit.tokens + held.tokens
+        save_stats({"fit": fit, "heldout": held}, work.stats_path)
+
+    def _finish_unit(self, unit: Unit, work: ModelWork, ref) -> None:
+        c = self.c
+        params = {"model": unit.name, "source": unit.entry.source, "data": c.data, "task": unit.entry.task}
+        params |= self._options(unit) | package_versions()
+        params |= {"model_fingerprint": work.info.fingerprint, "stats_fingerprint": work.stats_fp, "architecture": work.info.architecture}
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            error = _error_text(exc)
+            run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, {})
+            self.tracker.end(run_id, ok=False, error=error)
+            self.failures.append(f"{unit.label}: {error}")
+            return
+        params["quality_metric"] = result["metrics"].get("quality_metric", "")
+        metrics = result["metrics"] | result["timings"] | self._model_metrics(work, unit.method)
+        folder = self._write_model(unit, result["files"]) if result["files"] else None
+        run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, metrics)
+        self.tracker.log_json(run_id, result["masks"], "masks.json")
+        self.tracker.log_json(run_id, {"params": params, "metrics": metrics, "sizes": result["sizes"]}, "report.json")
+        if folder is not None:
+            self.tracker.log_folder(run_id, folder, "model")
+        self.tracker.end(run_id)
+
+    def _statistics_metrics(self, work: ModelWork) -> dict:
+        out = {"stats_reused": float(work.stats_reused), "calibration_tokens": work.tokens, "mean_seq_len": work.mean_seq_len}
+        return out | ({"collect_s": work.collect_s} if work.collect_s is not None else {})
+
+    def _model_metrics(self, work: ModelWork, method: str) -> dict:
+        """Statistics metrics plus the summed seconds of this method's scoring tasks."""
+        out = self._statistics_metrics(work)
+        try:
+            out["score_s"] = sum(t.seconds for t in ray.get(work.scores[method]))
+        except ray.exceptions.RayError:
+            pass
+        return out
+
+    def _write_model(self, unit: Unit, files: dict[str, bytes]) -> Path:
+        """The pruned model under out/<model>/<method>-<budget>, written aside and then renamed."""
+        folder = self.c.out / unit.name / f"{unit.method}-{unit.budget:g}"
+        staging = folder.with_name(f".{folder.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        for rel, data in files.items():
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(data)
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+        return folder
+
+    # ---- the whole campaign ----------------------------------------------------------------
+
+    def run(self) -> SweepResult:
+        c = self.c
+        finished = self.tracker.finished_units(c.key)
+        todo = [u for u in c.units() if u.key not in finished]
+        if todo:  # bad data fails here, before any run is recorded
+            farm.connect(c.address)
+            calib_rows, eval_rows = select_examples(read_dataset(c.data), c.samples, c.eval_samples, c.seed, c.data)
+        campaign_run = self.tracker.campaign_run(c.key, c.experiment, self._campaign_params())
+        works = self._model_works(todo, campaign_run)
+        if works:
+            self.counter = farm.Counter.remote()
+            for work in works:
+                try:
+                    self.prepare(work, calib_rows, eval_rows)
+                except (UserError, ray.exceptions.RayError, ValueError, OSError) as exc:
+                    work.failed = str(exc) if isinstance(exc, UserError) else _error_text(exc)
+                    self.failures.append(f"{work.name}: {work.failed}")
+                self.poll()
+            while self.in_flight or self.collecting:
+                self.poll()
+            self.poll()  # the last results' bars
+        for work in works:
+            self.tracker.log(work.run_id, metrics=self._statistics_metrics(work) if work.info else {})
+            failed_units = [f for f in self.failures if f.startswith(f"{work.name}/")]
+            self.tracker.end(work.run_id, ok=work.failed is None and not failed_units, error=work.failed)
+        return self._summarize(campaign_run, works)
+
+    def _model_works(self, todo: list[Unit], campaign_run: str) -> list[ModelWork]:
+        works: dict[str, ModelWork] = {}
+        for unit in todo:
+            if unit.name not in works:
+                run_id = self.tracker.model_run(self.c.key, campaign_run, unit.name, unit.entry.source)
+                works[unit.name] = ModelWork(unit.entry, unit.name, run_id, [])
+            works[unit.name].units.append(unit)
+        return list(works.values())
+
+    def _campaign_params(self) -> dict:
+        c = self.c
+        params = {k: getattr(c, k) for k in ("data", "samples", "eval_samples", "seq_len", "batch_size", "seed", "reconstruction", "allocation", "workers")}
+        params |= {"models": ", ".join(e.source for e in c.models), "budgets": ",".join(f"{b:g}" for b in c.budgets), "methods": ",".join(c.methods)}
+        return params | package_versions()
+
+    def _summarize(self, campaign_run: str, works: list[ModelWork]) -> SweepResult:
+        records = self.tracker.unit_records(self.c.key)
+        for work in works:  # models that never got as far as their units still show in the table
+            if work.failed:
+                records += [{"model": u.name, "method": u.method, "budget": u.budget, "status": "FAILED", "error": work.failed} for u in work.units]
+        paths = write_summary(records, self.c.out)
+        for path in paths.values():
+            self.tracker.log_file(campaign_run, path)
+        self.tracker.log(campaign_run, metrics={"units_finished": sum(r.get("status") == "FINISHED" for r in records), "units_failed": len(self.failures)})
+        self.tracker.end(campaign_run, ok=not self.failures)
+        return SweepResult(records, self.failures, paths, campaign_run)
+
+
+def run_sweep(campaign: Campaign) -> SweepResult:
+    """Run (or resume) a campaign; prints the summary table. Failures are returned, not raised."""
+    tracker = Tracker(campaign.tracking_uri, campaign.experiment)
+    with StageProgress() as progress:
+        result = Sweep(campaign, tracker, progress).run()
+    print_table(result.records, f"campaign {campaign.experiment} ({len(result.records)} units)")
+    return result
+
+

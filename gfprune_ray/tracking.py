@@ -1,0 +1,134 @@
+"""MLflow records of a campaign: a parent run, a nested run per model, one per unit beneath it.
+
+Only the driver logs (in one `log_batch` per run: logging from Ray workers to one store is slow).
+A unit run is created when its results are already in hand and is closed in the same breath, so a
+campaign killed at any moment leaves at most a few unit runs unfinished; a rerun deletes those and
+redoes their units, and every unit ends up recorded exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from importlib import metadata
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.tracking import MlflowClient
+
+from .errors import UserError
+
+DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: a sqlite file in the working directory
+KIND, CAMPAIGN, UNIT, MODEL = "gfprune_kind", "gfprune_campaign", "gfprune_unit", "gfprune_model"
+PARENT = "mlflow.parentRunId"
+FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter on the terminal
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for package in ("gfprune-ray", "torch", "transformers", "ray", "mlflow"):
+        try:
+            out[f"version_{package.replace('-', '_')}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[f"version_{package.replace('-', '_')}"] = "absent"
+    return out
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str | None, experiment: str, create: bool = True):
+        self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+        self.client = MlflowClient(self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None and not create:
+            raise UserError(f"no MLflow experiment named {experiment!r} at {self.uri}")
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+
+    # ---- runs ------------------------------------------------------------------------------
+
+    def _search(self, filter_string: str) -> list:
+        return self.client.search_runs([self.experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=50000)
+
+    def _create(self, name: str, tags: dict, parent: str | None = None) -> str:
+        tags = tags | ({PARENT: parent} if parent else {})
+        return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+
+    def campaign_run(self, key: str, name: str, params: dict) -> str:
+        """The campaign's parent run: the existing one for this key (a resume), or a new one."""
+        runs = self._search(f"tags.{KIND} = 'campaign' and tags.{CAMPAIGN} = '{key}'")
+        if runs:
+            run_id = runs[0].info.run_id
+            self.client.update_run(run_id, RunStatus.to_string(RunStatus.RUNNING))
+            return run_id
+        run_id = self._create(name, {KIND: "campaign", CAMPAIGN: key})
+        self.log(run_id, params=params)
+        return run_id
+
+    def model_run(self, campaign_key: str, campaign_run: str, name: str, source: str) -> str:
+        runs = self._search(f"tags.{KIND} = 'model' and tags.{CAMPAIGN} = '{campaign_key}' and tags.{MODEL} = '{name}'")
+        if runs:
+            run_id = runs[0].info.run_id
+            self.client.update_run(run_id, RunStatus.to_string(RunStatus.RUNNING))
+            return run_id
+        return self._create(name, {KIND: "model", CAMPAIGN: campaign_key, MODEL: name, "source": source}, campaign_run)
+
+    def finished_units(self, campaign_key: str) -> dict[str, str]:
+        """unit key -> run id of the finished units; unfinished unit runs are deleted (redone)."""
+        done = {}
+        for run in self._search(f"tags.{KIND} = 'unit' and tags.{CAMPAIGN} = '{campaign_key}'"):
+            key = run.data.tags.get(UNIT)
+            if run.info.status == FINISHED and key not in done:
+                done[key] = run.info.run_id
+            else:
+                self.client.delete_run(run.info.run_id)
+        return done
+
+    def unit_run(self, campaign_key: str, model_run: str, unit, params: dict, metrics: dict, tags: dict | None = None) -> str:
+        run_id = self._create(unit.label, {KIND: "unit", CAMPAIGN: campaign_key, UNIT: unit.key, MODEL: unit.name} | (tags or {}), model_run)
+        self.log(run_id, params=params, metrics=metrics)
+        return run_id
+
+    def log(self, run_id: str, params: dict | None = None, metrics: dict | None = None, tags: dict | None = None) -> None:
+        now = _now()
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)],
+            params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
+            tags=[RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()],
+        )
+
+    def log_json(self, run_id: str, value, path: str) -> None:
+        self.client.log_text(run_id, json.dumps(value, indent=2, default=str) + "\n", path)
+
+    def log_folder(self, run_id: str, folder, path: str) -> None:
+        self.client.log_artifacts(run_id, str(folder), path)
+
+    def log_file(self, run_id: str, file) -> None:
+        self.client.log_artifact(run_id, str(file))
+
+    def end(self, run_id: str, ok: bool = True, error: str | None = None) -> None:
+        if error:
+            self.log(run_id, tags={"error": error})
+        self.client.set_terminated(run_id, FINISHED if ok else RunStatus.to_string(RunStatus.FAILED))
+
+    # ---- reading back ----------------------------------------------------------------------
+
+    def latest_campaign(self) -> str | None:
+        runs = self.client.search_runs([self.experiment_id], f"tags.{KIND} = 'campaign'", ViewType.ACTIVE_ONLY, 1, ["attributes.start_time DESC"])
+        return runs[0].data.tags[CAMPAIGN] if runs else None
+
+    def unit_records(self, campaign_key: str) -> list[dict]:
+        """Finished unit runs of a campaign as flat dicts: params, metrics and the run's status."""
+        out = []
+        for run in self._search(f"tags.{KIND} = 'unit' and tags.{CAMPAIGN} = '{campaign_key}'"):
+            record = dict(run.data.params) | dict(run.data.metrics)
+            record |= {"run_id": run.info.run_id, "status": run.info.status, "error": run.data.tags.get("error", "")}
+            out.append(record)
+        return out
