@@ -155,29 +155,33 @@ class Collector:
             for batch in iter_torch_batches(shard_ds, batch_size):
                 yield {k: v.to(device) for k, v in batch.items()}
                 if counter is not None:
-                    counter.add.remote(1)
+                    counter.add.remote(1, os.getpid())
 
         fit, held = collect_split(self.adapter, batches())
         seconds = time.perf_counter() - start
         pairs = tuple(Timed((fit.sites[s], held.sites[s]), seconds) for s in fit.sites)
         return pairs if len(pairs) > 1 else pairs[0]
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 @ray.remote(num_cpus=0)
 class Counter:
-    """Progress of work that reports in pieces (batches collected), polled by the driver."""
+    """Progress of work that reports in pieces (batches collected), polled by the driver; it also
+    knows which worker processes reported, which lets a test kill one of them mid-run."""
 
     def __init__(self):
         self.count = 0
+        self.pids: set[int] = set()
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, pid: int | None = None) -> None:
         self.count += n
+        if pid is not None:
+            self.pids.add(pid)
 
     def value(self) -> int:
         return self.count
+
+    def workers(self) -> list[int]:
+        return sorted(self.pids)
 
 
 @ray.remote(num_cpus=1)

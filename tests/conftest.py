@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +114,44 @@ def tiny_batches(n_batches: int = 3, batch: int = 4, seq: int = 12, seed: int = 
 @pytest.fixture(params=sorted(TINY))
 def family(request) -> str:
     return request.param
+
+
+# ---- models on disk with a tokenizer, and the command line ---------------------------------
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
+
+
+def make_tokenizer(folder: Path):
+    """A WordPiece tokenizer whose ids cover exactly the tiny models' vocabulary."""
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(SPECIALS + WORDS) + "\n")
+    # transformers 5 builds the tokenizer from `vocab`; the old `vocab_file=` keyword is silently ignored
+    tokenizer = T.BertTokenizerFast(vocab=str(vocab))
+    assert len(tokenizer) == VOCAB, "the tokenizer must cover exactly the tiny model's vocabulary"
+    assert tokenizer.convert_tokens_to_ids("w7") == len(SPECIALS) + 7
+    return tokenizer
+
+
+def save_tiny(folder: Path, family: str, seed: int, tokenizer) -> Path:
+    tiny_model(family, seed=seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) for _ in range(n)]
+
+
+def cli_command() -> list[str]:
+    script = Path(sys.executable).parent / "gfprune-ray"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gfprune_ray.cli"]
+
+
+def cli_env(**extra: str) -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="200", NO_COLOR="1", **extra)
+
+
+def run_cli(*args, cwd: Path | None = None, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*cli_command(), *map(str, args)], capture_output=True, text=True, env=cli_env(**env), cwd=cwd, timeout=timeout)

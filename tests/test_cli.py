@@ -9,55 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, make_tokenizer, run_cli, save_tiny, sentences
 from gfprune_ray import load_pruned
 from gfprune_ray.models import adapter_for
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
 SMALL = ["--samples", "20", "--eval-samples", "10", "--seq-len", "16", "--batch-size", "4", "--latency-repeats", "1"]
-
-
-def _cli() -> list[str]:
-    script = Path(sys.executable).parent / "gfprune-ray"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gfprune_ray.cli"]
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="200", NO_COLOR="1")
-    return subprocess.run([*_cli(), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
-
-
-def _tokenizer(folder: Path):
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(SPECIALS + WORDS) + "\n")
-    # transformers 5 builds the tokenizer from `vocab`; the old `vocab_file=` keyword is silently ignored
-    tokenizer = T.BertTokenizerFast(vocab=str(vocab))
-    assert len(tokenizer) == VOCAB, "the tokenizer must cover exactly the tiny model's vocabulary"
-    assert tokenizer.convert_tokens_to_ids("w7") == len(SPECIALS) + 7
-    return tokenizer
-
-
-def _save_model(folder: Path, seed: int, tokenizer) -> Path:
-    model = tiny_model("bert", seed=seed)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def _sentences(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) for _ in range(n)]
 
 
 def _digest(path: Path) -> str:
@@ -69,13 +31,13 @@ def ws(tmp_path_factory):
     """Two tiny BERTs with the same shapes but different weights, 40 lines of text, and one
     successful prune (with a statistics file) that several tests inspect."""
     root = tmp_path_factory.mktemp("cli")
-    tokenizer = _tokenizer(root)
+    tokenizer = make_tokenizer(root)
     ns = type("Workspace", (), {})()
     ns.root = root
-    ns.model_a = _save_model(root / "model_a", 0, tokenizer)
-    ns.model_b = _save_model(root / "model_b", 1, tokenizer)
+    ns.model_a = save_tiny(root / "model_a", "bert", 0, tokenizer)
+    ns.model_b = save_tiny(root / "model_b", "bert", 1, tokenizer)
     ns.data = root / "data.txt"
-    ns.data.write_text("\n".join(_sentences(40)) + "\n")
+    ns.data.write_text("\n".join(sentences(40)) + "\n")
     ns.stats = root / "stats_a.safetensors"
     ns.out = root / "pruned"
     ns.prune = run_cli("prune", ns.model_a, "--out", ns.out, "--data", ns.data, "--budget", "0.6", "--stats", ns.stats, *SMALL)
@@ -133,7 +95,7 @@ def test_prune_writes_a_complete_output_folder(ws):
     model = load_pruned(out)
     assert type(model).__name__ == "BertModel"
     assert adapter_for(model).sizes() == sizes
-    hidden = _model_outputs(model, out, _sentences(3, seed=5))
+    hidden = _model_outputs(model, out, sentences(3, seed=5))
     assert torch.isfinite(hidden).all()
 
 
@@ -283,7 +245,7 @@ def test_unsupported_architecture_is_a_one_line_error(ws, tmp_path):
     folder = tmp_path / "neox"
     config = T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
     T.GPTNeoXForCausalLM(config).save_pretrained(folder)
-    _tokenizer(folder).save_pretrained(folder)
+    make_tokenizer(folder).save_pretrained(folder)
     out = tmp_path / "out"
     result = run_cli("prune", folder, "--out", out, "--data", ws.data, *SMALL)
     assert result.returncode == 2, result.stderr[-3000:]

@@ -1,0 +1,193 @@
+"""The farm on a real local Ray: collection equals the single process, survives a killed actor,
+and a sweep records every unit in MLflow, skips finished units on a rerun, and isolates a broken
+model. Every test here has a timeout: a Ray hang must fail, not eat the CI run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import pytest
+import ray
+import torch
+from conftest import make_tokenizer, save_tiny, sentences
+
+from gfprune_ray import farm, load_pruned
+from gfprune_ray.campaign import load_campaign
+from gfprune_ray.data import batches_fingerprint, mean_tokens_per_sequence, read_examples
+from gfprune_ray.loading import load_model
+from gfprune_ray.models import adapter_for
+from gfprune_ray.pipeline import calibrate
+from gfprune_ray.ray_data import fingerprint_and_length, read_dataset, select_examples, tokenize_rows
+from gfprune_ray.single import PruneOptions, prepare_batches, prune_model
+from gfprune_ray.sweep import run_sweep
+from gfprune_ray.tracking import Tracker
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # address="local": a fresh cluster even if a `ray start --head` cluster runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2, logging_level=logging.WARNING, log_to_driver=False)
+    farm.quiet_ray_data()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("farm")
+    tokenizer = make_tokenizer(root)
+    ns = type("Workspace", (), {})()
+    ns.root = root
+    ns.bert = save_tiny(root / "bert", "bert", 0, tokenizer)
+    ns.gpt2 = save_tiny(root / "gpt2", "gpt2", 0, tokenizer)
+    ns.data = root / "data.txt"
+    ns.data.write_text("\n".join(sentences(120)) + "\n")
+    return ns
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def _single_process(source, data, samples, seq_len, batch_size):
+    model, tokenizer = load_model(str(source))
+    opts = PruneOptions(samples=samples, eval_samples=20, seq_len=seq_len, batch_size=batch_size)
+    batches, _, _ = prepare_batches(tokenizer, read_examples(str(data)), opts)
+    return calibrate(adapter_for(model), batches, mean_tokens_per_sequence(batches)), batches
+
+
+def _farm_data(source, data, samples, seq_len, batch_size):
+    calib_rows, eval_rows = select_examples(read_dataset(str(data)), samples, 20, 0)
+    return tokenize_rows(calib_rows, str(source), seq_len, batch_size), calib_rows
+
+
+def _assert_exact(farm_pairs: dict, calibration, tol: float = 1e-6) -> None:
+    for site, pair in farm_pairs.items():
+        fit, held = pair.value
+        for got, want in ((fit, calibration.fit[site]), (held, calibration.heldout[site])):
+            assert int(got.n) == int(want.n) > 0, site
+            assert _rel(got.gram, want.gram) < tol, (site, _rel(got.gram, want.gram))
+            assert _rel(got.total, want.total) < tol, site
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_two_actors_give_the_single_process_statistics(local_ray, ws, family):
+    source = getattr(ws, family)
+    single, batches = _single_process(source, ws.data, 60, 16, 8)
+    calib, rows = _farm_data(source, ws.data, 60, 16, 8)
+    # the same examples, in the same order, as the single process: same fingerprint and length
+    assert fingerprint_and_length(calib, 8) == (batches_fingerprint(batches), mean_tokens_per_sequence(batches))
+    info = ray.get(farm.describe.remote(str(source)))
+    sites = farm.submit_collection(str(source), calib, info.sites, 2, 8)
+    _assert_exact(dict(zip(sites, ray.get(list(sites.values())))), single)
+
+
+def test_a_killed_collection_actor_is_restarted_and_statistics_stay_exact(local_ray, ws):
+    data = ws.root / "long.txt"
+    data.write_text("\n".join(sentences(700, seed=3)) + "\n")
+    single, _ = _single_process(ws.bert, data, 600, 16, 2)
+    calib, _ = _farm_data(ws.bert, data, 600, 16, 2)
+    info = ray.get(farm.describe.remote(str(ws.bert)))
+    counter = farm.Counter.remote()
+    sites = farm.submit_collection(str(ws.bert), calib, info.sites, 2, 2, counter)
+    deadline = time.time() + 120
+    while not ray.get(counter.workers.remote()) and time.time() < deadline:
+        time.sleep(0.05)
+    victims = ray.get(counter.workers.remote())
+    assert victims, "no collection actor reported progress"
+    assert ray.get(counter.value.remote()) < 300, "the collection must still be running when one actor is killed"
+    os.kill(victims[0], signal.SIGKILL)
+    pairs = dict(zip(sites, ray.get(list(sites.values()))))
+    _assert_exact(pairs, single)
+    assert ray.get(counter.value.remote()) > 300, "the restarted actor redid its shard"
+
+
+# ---- a whole sweep, in process --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swept(local_ray, ws):
+    broken = ws.root / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}')  # no weights
+    models = ws.root / "models.txt"
+    models.write_text(f"{ws.bert}\n{broken}\n{ws.gpt2} budgets=0.7 method=magnitude\n")
+    campaign = load_campaign(
+        models=models, budgets=[0.8, 0.5], methods=["gfp", "magnitude"], data=str(ws.data), samples=40, eval_samples=20,
+        seq_len=16, batch_size=8, workers=2, out=ws.root / "out", experiment="farm-test", latency_repeats=1,
+        tracking_uri=f"sqlite:///{ws.root / 'mlflow.db'}", cache_dir=ws.root / "cache",
+    )
+    start = time.perf_counter()
+    result = run_sweep(campaign)
+    return campaign, result, time.perf_counter() - start
+
+
+def test_sweep_finishes_every_unit_of_the_good_models_and_reports_the_broken_one(swept):
+    campaign, result, _ = swept
+    finished = sorted((r["model"], r["method"], float(r["budget"])) for r in result.records if r["status"] == "FINISHED")
+    assert finished == [("bert", "gfp", 0.5), ("bert", "gfp", 0.8), ("bert", "magnitude", 0.5), ("bert", "magnitude", 0.8), ("gpt2", "magnitude", 0.7)]
+    assert len(result.failures) == 1 and result.failures[0].startswith("broken: "), result.failures
+    failed = [r for r in result.records if r["status"] == "FAILED"]
+    assert {r["model"] for r in failed} == {"broken"} and all(r["error"] for r in failed)
+    for r in result.records:
+        if r["status"] == "FINISHED":
+            assert abs(float(r["kept_prunable_macs"]) - float(r["budget"])) < 0.1
+            assert float(r["relative_quality"]) > 0
+            if r["quality_metric"] == "fidelity":
+                assert float(r["relative_quality"]) <= 1.0001
+    assert result.summary["plot"].stat().st_size > 0 and "| bert | gfp | 0.8 |" in result.summary["md"].read_text()
+
+
+def test_mlflow_has_a_campaign_run_with_nested_model_and_unit_runs(swept, ws):
+    campaign, result, _ = swept
+    tracker = Tracker(campaign.tracking_uri, campaign.experiment)
+    runs = tracker.client.search_runs([tracker.experiment_id])
+    by_kind = {}
+    for run in runs:
+        by_kind.setdefault(run.data.tags["gfprune_kind"], []).append(run)
+    (parent,) = by_kind["campaign"]
+    assert parent.info.status == "FAILED", "a campaign with a failed model does not end as finished"
+    assert {r.data.tags["mlflow.parentRunId"] for r in by_kind["model"]} == {parent.info.run_id}
+    models = {r.data.tags["gfprune_model"]: r for r in by_kind["model"]}
+    assert models["broken"].info.status == "FAILED" and models["broken"].data.tags["error"]
+    assert models["bert"].info.status == "FINISHED"
+    for unit in by_kind["unit"]:
+        assert unit.data.tags["mlflow.parentRunId"] == models[unit.data.tags["gfprune_model"]].info.run_id
+        assert {"method", "budget", "samples", "seq_len", "seed", "model_fingerprint", "version_torch"} <= set(unit.data.params)
+        assert {"relative_quality", "macs_ratio", "params", "speedup_b32_vs_ideal", "collect_s", "reconstruct_s", "evaluate_s"} <= set(unit.data.metrics)
+        artifacts = {a.path for a in tracker.client.list_artifacts(unit.info.run_id)}
+        assert {"masks.json", "report.json", "model"} <= artifacts
+    campaign_files = {a.path for a in tracker.client.list_artifacts(parent.info.run_id)}
+    assert {"summary.csv", "summary.md", "quality_vs_macs.png"} <= campaign_files
+
+
+def test_sweep_results_equal_the_single_process_prune(swept, ws, tmp_path):
+    campaign, result, _ = swept
+    (record,) = [r for r in result.records if r["model"] == "bert" and r["method"] == "gfp" and float(r["budget"]) == 0.5]
+    opts = PruneOptions(budget=0.5, method="gfp", samples=40, eval_samples=20, seq_len=16, batch_size=8, latency_repeats=1)
+    report = prune_model(str(ws.bert), str(ws.data), opts, tmp_path / "single")
+    assert float(record["relative_quality"]) == pytest.approx(report["metrics"]["relative_quality"], abs=1e-6)
+    assert float(record["params"]) == report["metrics"]["params"]
+    saved = load_pruned(campaign.out / "bert" / "gfp-0.5")
+    single = load_pruned(tmp_path / "single")
+    assert [list(s) for s in adapter_for(saved).sizes()] == [list(s) for s in adapter_for(single).sizes()]
+
+
+def test_rerun_skips_finished_units_and_reuses_statistics(swept):
+    campaign, result, first_s = swept
+    tracker = Tracker(campaign.tracking_uri, campaign.experiment)
+    before = {r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id], "tags.gfprune_kind = 'unit'")}
+    again = run_sweep(campaign)
+    after = {r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id], "tags.gfprune_kind = 'unit'")}
+    assert after == before, "finished units are not run again and failed ones are not duplicated"
+    assert len(again.failures) == 1, "the broken model is retried and fails again"
+    finished = lambda res: sorted((r["model"], r["method"], r["budget"], r["relative_quality"]) for r in res.records if r["status"] == "FINISHED")
+    assert finished(again) == finished(result)
+    assert list(campaign.stats_dir().glob("*.safetensors")), "statistics are cached for later campaigns"
