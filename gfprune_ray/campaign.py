@@ -3,7 +3,8 @@
 It comes from a models file plus command-line options, or from one YAML file; either way it is
 validated by one pydantic schema before any work starts, and a malformed line of a models file is
 reported as `file:line: reason`. A campaign expands into units, one per (model, method, budget),
-each with a deterministic key: the key is what lets a rerun find and skip finished units.
+each with a deterministic key of everything that changes its result: the key is what lets a
+rerun find and skip finished units.
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ class Campaign(BaseModel):
 
     @property
     def key(self) -> str:
-        """Identifies the campaign's work (its units), not where its outputs go."""
-        return _digest(sorted(u.key for u in self.units()))
+        """A campaign lives in its MLflow experiment: rerunning into the same experiment resumes
+        it, and a campaign grown by models or budgets runs only its new units."""
+        return _digest({"experiment": self.experiment})
 
     def stats_dir(self) -> Path:
         if self.cache_dir is not None:

@@ -13,15 +13,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used: Ray Data workers load this module and need no torch
+    import torch
 
 BUNDLED = "pydoc"
 TEXT_SUFFIXES = {".txt", ".text"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
 MIN_PARAGRAPH_CHARS = 80
+HELDOUT_EVERY = 5  # every 5th calibration example is held out to choose the ridge of `full`
 
 
 @dataclass
@@ -160,6 +164,16 @@ def split_examples(examples: Examples, calibration: int, evaluation: int, seed: 
     return examples.subset(order[n_eval : n_eval + n_calib]), examples.subset(order[:n_eval])
 
 
+def heldout_flags(total: int) -> list[bool]:
+    """Which of `total` calibration examples are held out: every HELDOUT_EVERY-th one (the last
+    one when there are fewer). By example position, so independent of the batch size."""
+    if total < 2:
+        raise ValueError(f"need at least 2 calibration examples to hold one out, got {total}")
+    if total < HELDOUT_EVERY:
+        return [i == total - 1 for i in range(total)]
+    return [i % HELDOUT_EVERY == HELDOUT_EVERY - 1 for i in range(total)]
+
+
 def prepare_tokenizer(tokenizer):
     """Decoders often have no pad token; batching needs one (padding is masked out anyway)."""
     if tokenizer.pad_token is None:
@@ -178,6 +192,8 @@ def tokenize(tokenizer, texts: list[str], seq_len: int, batch_size: int) -> list
 
 
 def batches_fingerprint(batches: list[dict[str, torch.Tensor]]) -> str:
+    import torch
+
     digest = hashlib.sha256()
     for batch in batches:
         ids = batch["input_ids"][batch["attention_mask"].bool()]
@@ -187,5 +203,7 @@ def batches_fingerprint(batches: list[dict[str, torch.Tensor]]) -> str:
 
 def mean_tokens_per_sequence(batches: list[dict[str, torch.Tensor]]) -> float:
     """The mean sequence length s of the FLOPs model."""
+    import torch
+
     lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).to(torch.float64)
     return float(lengths.mean())

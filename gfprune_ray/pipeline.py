@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .data import HELDOUT_EVERY, heldout_flags  # noqa: F401 (HELDOUT_EVERY is re-exported)
 from .flops import check_budget
 from .methods import get_method
 from .models import Adapter
@@ -20,7 +21,6 @@ from .reconstruct import MODES, Reconstruction, reconstruct
 from .search import SEARCHES, Masks, Site
 from .stats import ModelStats, collect_split
 
-HELDOUT_EVERY = 5  # every 5th calibration example is held out to choose the ridge of `full`
 
 
 @dataclass
@@ -37,12 +37,8 @@ class Calibration:
 
 
 def heldout_rows(total: int) -> torch.Tensor:
-    """Which of `total` calibration examples are held out: every HELDOUT_EVERY-th one (the last
-    one when there are fewer). By example position, so independent of the batch size."""
-    if total < 2:
-        raise ValueError(f"need at least 2 calibration examples to hold one out, got {total}")
-    rows = torch.arange(total)
-    return rows == total - 1 if total < HELDOUT_EVERY else rows % HELDOUT_EVERY == HELDOUT_EVERY - 1
+    """`data.heldout_flags` as a boolean tensor."""
+    return torch.tensor(heldout_flags(total), dtype=torch.bool)
 
 
 def mark_heldout(batches: list[dict]) -> list[dict]:

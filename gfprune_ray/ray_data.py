@@ -4,6 +4,9 @@ Examples are chosen exactly as the single process chooses them (`data.split_exam
 a seeded per-example key, the first ones evaluate and the next ones calibrate. A distributed sort
 needs no global index, so the selection does not depend on how files are split into blocks, and a
 sweep prunes with the very examples that `gfprune-ray prune` would use.
+
+Ray Data workers import this module to run its functions: it imports no torch at module level,
+which saves each fresh worker seconds.
 """
 
 from __future__ import annotations
@@ -14,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 
-from .data import BUNDLED, JSON_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, example_key, pydoc_paragraphs, split_sizes
+from .data import BUNDLED, JSON_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, example_key, heldout_flags, pydoc_paragraphs, split_sizes
 from .errors import UserError
-from .pipeline import heldout_rows
 
 
 def _hf_dataset(source: str):
@@ -57,12 +58,24 @@ def _read_files(files: list[Path]) -> ray.data.Dataset:
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
+def _is_hub_name(source: str) -> bool:
+    path = Path(source)
+    return not path.exists() and not path.suffix and not source.startswith((".", "/", "~"))
+
+
+def check_source(source: str) -> None:
+    """Fail early, before Ray or MLflow are touched, on a data path that does not exist."""
+    if source != BUNDLED and not Path(source).exists() and not _is_hub_name(source):
+        raise UserError(f"data not found: {source}")
+
+
 def read_dataset(source: str) -> ray.data.Dataset:
     """The examples of a data source as a Ray Dataset with a `text` column (and `label` if any)."""
     if source == BUNDLED:
         return ray.data.from_items([{"text": t} for t in pydoc_paragraphs()])
+    check_source(source)
     path = Path(source)
-    if _is_saved_dataset(path) or not path.exists() and not path.suffix and not source.startswith((".", "/", "~")):
+    if _is_saved_dataset(path) or _is_hub_name(source):
         dataset = _hf_dataset(source)
         if "text" not in dataset.column_names:
             raise UserError(f"dataset {source!r} has no 'text' column")
@@ -72,8 +85,6 @@ def read_dataset(source: str) -> ray.data.Dataset:
         if not files:
             raise UserError(f"{source}: no text, JSONL or Parquet files in this folder")
         return _read_files(files)
-    if not path.exists():
-        raise UserError(f"data not found: {source}")
     return _read_files([path])
 
 
@@ -86,6 +97,20 @@ def _keyed(batch: dict, seed: int) -> dict:
     if "label" in batch:
         out["label"] = np.asarray(batch["label"])[keep]
     return out
+
+
+def _below(batch: dict, threshold: int) -> dict:
+    keep = batch["key"] <= threshold
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _smallest_keys(keyed: ray.data.Dataset, n: int) -> list[dict]:
+    """The n rows with the smallest keys, in key order. Only the keys travel to the driver (8 bytes
+    a row); a Ray Data sort would cost seconds of shuffle overhead to order a few hundred rows."""
+    keys = np.concatenate([b["key"] for b in keyed.select_columns(["key"]).iter_batches(batch_format="numpy")])
+    threshold = int(np.partition(keys, n - 1)[n - 1])
+    rows = keyed.map_batches(_below, fn_kwargs={"threshold": threshold}, batch_format="numpy").take_all()
+    return sorted(rows, key=lambda r: (int(r["key"]), str(r["text"])))[:n]
 
 
 def select_examples(ds: ray.data.Dataset, samples: int, eval_samples: int, seed: int, source: str = "data") -> tuple[list[dict], list[dict]]:
@@ -102,10 +127,10 @@ def select_examples(ds: ray.data.Dataset, samples: int, eval_samples: int, seed:
     n_calib, n_eval = split_sizes(total, samples, eval_samples)
     if n_calib < 2:
         raise UserError(f"need at least 2 calibration examples (one is held out), got {n_calib}")
-    rows = keyed.sort(["key", "text"]).limit(n_eval + n_calib).take_all()
+    rows = _smallest_keys(keyed, n_eval + n_calib)
     labelled = all(isinstance(r.get("label"), (int, np.integer)) for r in rows)
     clean = [{"text": r["text"]} | ({"label": int(r["label"])} if labelled else {}) for r in rows]
-    held = heldout_rows(n_calib).tolist()
+    held = heldout_flags(n_calib)
     calibration = [r | {"heldout": h} for r, h in zip(clean[n_eval:], held)]
     return calibration, [r | {"heldout": False} for r in clean[:n_eval]]
 
@@ -132,8 +157,10 @@ def tokenize_rows(rows: list[dict], source: str, seq_len: int, batch_size: int) 
     return ds.map_batches(_tokenize, fn_kwargs={"source": source, "seq_len": seq_len}, batch_size=batch_size, batch_format="numpy").materialize()
 
 
-def as_torch(batch: dict) -> dict[str, torch.Tensor]:
+def as_torch(batch: dict) -> dict:
     """A numpy batch from Ray Data as model inputs, padding columns that no row uses removed."""
+    import torch
+
     mask = torch.as_tensor(batch["attention_mask"])
     used = mask.bool().any(0)
     out = {"input_ids": torch.as_tensor(batch["input_ids"])[:, used], "attention_mask": mask[:, used]}

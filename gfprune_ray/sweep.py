@@ -21,7 +21,7 @@ from . import farm
 from .campaign import Campaign, ModelEntry, Unit
 from .errors import UserError
 from .progress import StageProgress
-from .ray_data import fingerprint_and_length, read_dataset, select_examples, tokenize_rows
+from .ray_data import check_source, fingerprint_and_length, read_dataset, select_examples, tokenize_rows
 from .report import print_table, write_summary
 from .single import LATENCY_SEQ_LEN
 from .stats import ModelStats, load_stats, save_stats, stats_fingerprint
@@ -268,7 +268,8 @@ class Sweep:
         return params | package_versions()
 
     def _summarize(self, campaign_run: str, works: list[ModelWork]) -> SweepResult:
-        records = self.tracker.unit_records(self.c.key)
+        wanted = {u.key for u in self.c.units()}  # units of an earlier shape of the campaign stay in MLflow, not here
+        records = [r for r in self.tracker.unit_records(self.c.key) if r["unit_key"] in wanted]
         for work in works:  # models that never got as far as their units still show in the table
             if work.failed:
                 records += [{"model": u.name, "method": u.method, "budget": u.budget, "status": "FAILED", "error": work.failed} for u in work.units]
@@ -282,6 +283,7 @@ class Sweep:
 
 def run_sweep(campaign: Campaign) -> SweepResult:
     """Run (or resume) a campaign; prints the summary table. Failures are returned, not raised."""
+    check_source(campaign.data)
     tracker = Tracker(campaign.tracking_uri, campaign.experiment)
     with StageProgress() as progress:
         result = Sweep(campaign, tracker, progress).run()

@@ -129,6 +129,6 @@ class Tracker:
         out = []
         for run in self._search(f"tags.{KIND} = 'unit' and tags.{CAMPAIGN} = '{campaign_key}'"):
             record = dict(run.data.params) | dict(run.data.metrics)
-            record |= {"run_id": run.info.run_id, "status": run.info.status, "error": run.data.tags.get("error", "")}
+            record |= {"run_id": run.info.run_id, "status": run.info.status, "error": run.data.tags.get("error", ""), "unit_key": run.data.tags.get(UNIT)}
             out.append(record)
         return out

@@ -1,0 +1,154 @@
+"""Farm benchmark: what the sweep saves by reusing statistics, how collection scales with workers,
+and what Ray and MLflow cost on top of the single-process core.
+
+    .venv/bin/python bench/farm.py                 # this machine (embedded Ray)
+    .venv/bin/python bench/farm.py --workers 8     # a GPU machine: one worker per GPU
+
+Whole commands are timed as a user runs them (`gfprune-ray sweep` / `gfprune-ray prune`, each a
+fresh process), on the packaged MiniLM and a second model of the same shape with random weights
+(no second real model ships in a registry package; timing does not depend on the weights).
+Prints a Markdown table and writes bench/results/farm.json. Not a test: targets are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+BIN = Path(sys.executable).parent
+MINILM = "pkg:all-minilm-l6-v2"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budgets", default="0.9,0.8,0.7,0.6")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--eval-samples", type=int, default=128)
+    p.add_argument("--latency-repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2, help="workers of the scaling run (the GPU count on a GPU machine)")
+    p.add_argument("--out", type=Path, default=RESULTS / "farm.json")
+    return p.parse_args()
+
+
+def second_model(folder: Path) -> Path:
+    """MiniLM's architecture and tokenizer with seeded random weights."""
+    import torch
+    import transformers
+
+    from gfprune_ray.loading import load_model
+
+    model, tokenizer = load_model(MINILM)
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(model.config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run(args: list, cwd: Path) -> float:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    start = time.perf_counter()
+    done = subprocess.run([str(BIN / "gfprune-ray"), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"failed: gfprune-ray {' '.join(map(str, args))}\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def common(a) -> list:
+    return ["--data", "pydoc", "--samples", a.samples, "--eval-samples", a.eval_samples, "--latency-repeats", a.latency_repeats, "--seq-len", 128, "--batch-size", 32]
+
+
+def sweep_args(a, models: Path, work: Path, name: str, budgets: str, workers: int = 1) -> list:
+    return ["sweep", "--models", models, "--budgets", budgets, "--methods", "gfp", "--out", work / name, "--experiment", name,
+            "--tracking-uri", f"sqlite:///{work / name}.db", "--cache-dir", work / f"{name}-cache", "--workers", workers, *common(a)]
+
+
+def collect_seconds(work: Path, name: str) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / name}.db")
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], "tags.gfprune_kind = 'model'")
+    return [r.data.metrics["collect_s"] for r in runs]
+
+
+def reuse(a, work: Path, models: list[str]) -> dict:
+    budgets = a.budgets.split(",")
+    listing = work / "two-models.txt"
+    listing.write_text("\n".join(models) + "\n")
+    sweep_s = run(sweep_args(a, listing, work, "reuse", a.budgets), work)
+    collect = collect_seconds(work, "reuse")
+    singles = []
+    for model in models:
+        for budget in budgets:
+            out = work / "single" / f"{Path(model).name}-{budget}"
+            singles.append(run(["prune", model, "--budget", budget, "--method", "gfp", "--out", out, "--force", *common(a)], work))
+    units = len(models) * len(budgets)
+    return {
+        "units": units, "sweep_s": sweep_s, "independent_prunes_s": sum(singles), "independent_prune_each_s": singles,
+        "speedup": sum(singles) / sweep_s, "target_speedup": 3.0, "collect_s_per_model": collect,
+        "sweep_in_collections": sweep_s / sum(collect), "target_in_collections": len(models) * (1 + 0.2 * len(budgets)),
+    }
+
+
+def scaling(a, work: Path) -> dict:
+    """Collection alone (actors started, shards collected, reduced), 1 worker vs `--workers`."""
+    import ray
+
+    from gfprune_ray import farm
+    from gfprune_ray.ray_data import read_dataset, select_examples, tokenize_rows
+
+    farm.connect(None)
+    calib_rows, _ = select_examples(read_dataset("pydoc"), a.samples, a.eval_samples, 0)
+    calib = tokenize_rows(calib_rows, MINILM, 128, 32)
+    info = ray.get(farm.describe.remote(MINILM))
+    out = {}
+    for workers in (1, a.workers, 1, a.workers):  # each twice; the first pass warms the worker pool
+        start = time.perf_counter()
+        sites = farm.submit_collection(MINILM, calib, info.sites, workers, 32)
+        ray.get(list(sites.values()))
+        out.setdefault(workers, []).append(time.perf_counter() - start)
+    ray.shutdown()
+    one, many = min(out[1]), min(out[a.workers])
+    return {"workers": a.workers, "seconds": {str(k): v for k, v in out.items()}, "speedup": one / many, "efficiency": one / (a.workers * many)}
+
+
+def overhead(a, work: Path) -> dict:
+    listing = work / "one-model.txt"
+    listing.write_text(MINILM + "\n")
+    budget = a.budgets.split(",")[-1]
+    farm_s = run(sweep_args(a, listing, work, "overhead", budget), work)
+    core_s = run(["prune", MINILM, "--budget", budget, "--method", "gfp", "--out", work / "overhead-core", "--force", *common(a)], work)
+    return {"farm_s": farm_s, "core_s": core_s, "ratio": farm_s / core_s, "target_ratio": 1.3}
+
+
+def main() -> None:
+    a = parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        models = [MINILM, str(second_model(work / "minilm-random"))]
+        results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "settings": vars(a) | {"out": str(a.out)}}
+        results["reuse"] = reuse(a, work, models)
+        results["overhead"] = overhead(a, work)
+        results["scaling"] = scaling(a, work)
+    r, o, s = results["reuse"], results["overhead"], results["scaling"]
+    print("| benchmark | measured | target | met |\n|---|---|---|---|")
+    print(f"| reuse: sweep of {r['units']} units vs independent prunes | {r['sweep_s']:.0f} s vs {r['independent_prunes_s']:.0f} s = {r['speedup']:.2f}x | >= 3x | {r['speedup'] >= 3} |")
+    print(f"| reuse: sweep wall in collections | {r['sweep_in_collections']:.2f} | <= {r['target_in_collections']:.1f} | {r['sweep_in_collections'] <= r['target_in_collections']} |")
+    print(f"| overhead: farm vs core, 1 model 1 budget | {o['farm_s']:.0f} s vs {o['core_s']:.0f} s = {o['ratio']:.2f}x | <= 1.3x | {o['ratio'] <= 1.3} |")
+    print(f"| scaling: collection 1 vs {s['workers']} workers | {s['speedup']:.2f}x, efficiency {s['efficiency']:.2f} | (report) | - |")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
