@@ -17,17 +17,19 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Prune the packaged all-MiniLM-L6-v2 to 60% of its prunable MACs with the bundled pydoc text.
+# A real sweep on the bundled example: the packaged all-MiniLM-L6-v2, the bundled pydoc text,
+# budgets 0.9 to 0.5, gfp and two baselines, on embedded Ray with a local MLflow store (mlflow.db).
 demo: $(STAMP)
-	$(BIN)/gfprune-ray prune pkg:all-minilm-l6-v2 --data pydoc --budget 0.6 --method gfp --reconstruct full \
-		--samples 256 --eval-samples 256 --out runs/demo-minilm-0.6 --force
-	$(BIN)/gfprune-ray eval runs/demo-minilm-0.6
+	$(BIN)/gfprune-ray sweep --models examples/models.txt --data pydoc --budgets 0.9,0.8,0.7,0.6,0.5 \
+		--methods gfp,fluctuation,magnitude --experiment demo --out runs/demo
+	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'demo')"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
+	$(BIN)/python bench/farm.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache mlflow.db mlruns

@@ -199,23 +199,27 @@ def reduce_tree(refs: list[ray.ObjectRef]) -> ray.ObjectRef:
     return refs[0]
 
 
-def collector_resources(workers: int) -> dict:
-    """One GPU per actor where the cluster has GPUs; else an equal share of one node's CPUs."""
+def collector_resources(workers: int) -> tuple[dict, int]:
+    """(Ray resources, torch threads) of one collection actor.
+
+    One GPU per actor where the cluster has GPUs. On CPUs an actor asks Ray for one CPU but runs
+    an equal share of a node's cores as torch threads: asking for the whole share would make it
+    wait until every small task (reference, weights) has left the node."""
     if gpus_available():
-        return {"num_gpus": 1, "num_cpus": 1}
+        return {"num_gpus": 1, "num_cpus": 1}, 1
     per_node = max(n.get("Resources", {}).get("CPU", 1) for n in ray.nodes() if n.get("Alive"))
-    return {"num_cpus": max(1, int(per_node // workers))}
+    return {"num_cpus": 1}, max(1, int(per_node // workers))
 
 
 def submit_collection(source: str, data, sites: list[Site], workers: int, batch_size: int, counter=None) -> dict[Site, ray.ObjectRef]:
     """Start `workers` actors on disjoint shards; returns one reduced (fit, heldout) ref per site.
 
     The actor handles are dropped here: Ray ends each actor once its call has finished."""
-    resources = collector_resources(workers)
+    resources, threads = collector_resources(workers)
     shards = shard(data, workers)
     partials = []
     for part in shards:
-        actor = Collector.options(**resources).remote(source, resources["num_cpus"])
+        actor = Collector.options(**resources).remote(source, threads)
         call = actor.collect.options(num_returns=len(sites)).remote(part, batch_size, counter)
         partials.append(_returns(call, len(sites)))
     return {site: reduce_tree([p[j] for p in partials]) for j, site in enumerate(sites)}

@@ -72,6 +72,11 @@ def _quiet_local_load(local: bool) -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     """The tokenizer of a model, ready for padded batches."""
     where = resolve_model(source)
@@ -79,8 +84,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         with _quiet_local_load(Path(where).is_dir()):
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load the tokenizer of {source}: {first_line}") from None
+        raise UserError(f"cannot load the tokenizer of {source}: {_first_line(exc)}") from None
     return prepare_tokenizer(tokenizer)
 
 
@@ -100,8 +104,7 @@ def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module,
                 model = _model_class(config).from_pretrained(where, trust_remote_code=trust_remote_code, use_safetensors=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load model {source}: {first_line}") from None
+        raise UserError(f"cannot load model {source}: {_first_line(exc)}") from None
     prepare_tokenizer(tokenizer)
     if model.config.pad_token_id is None:  # sequence classifiers need it to find the last token
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -177,6 +177,9 @@ class Sweep:
 
     def _finish_unit(self, unit: Unit, work: ModelWork, ref) -> None:
         c = self.c
+        if work in self.collecting:  # the unit finished within the poll that saw its statistics done
+            self.collecting.remove(work)
+            self._cache_statistics(work)
         params = {"model": unit.name, "source": unit.entry.source, "data": c.data, "task": unit.entry.task}
         params |= self._options(unit) | package_versions()
         params |= {"model_fingerprint": work.info.fingerprint, "stats_fingerprint": work.stats_fp, "architecture": work.info.architecture}

@@ -16,7 +16,7 @@ from conftest import make_tokenizer, save_tiny, sentences
 
 from gfprune_ray import farm, load_pruned
 from gfprune_ray.campaign import load_campaign
-from gfprune_ray.data import batches_fingerprint, mean_tokens_per_sequence, read_examples
+from gfprune_ray.data import Examples, batches_fingerprint, heldout_flags, mean_tokens_per_sequence, read_examples, split_examples
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
 from gfprune_ray.pipeline import calibrate
@@ -75,6 +75,25 @@ def _assert_exact(farm_pairs: dict, calibration, tol: float = 1e-6) -> None:
             assert int(got.n) == int(want.n) > 0, site
             assert _rel(got.gram, want.gram) < tol, (site, _rel(got.gram, want.gram))
             assert _rel(got.total, want.total) < tol, site
+
+
+def test_every_input_format_gives_the_examples_the_single_process_picks(local_ray, ws, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = sentences(50, seed=7)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.txt").write_text("\n".join(texts[:20]) + "\n\n")
+    (tmp_path / "folder" / "b.jsonl").write_text("".join(f'{{"text": "{t}"}}\n' for t in texts[20:35]))
+    pq.write_table(pa.table({"text": texts[35:]}), tmp_path / "folder" / "c.parquet")
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    want_calib, want_eval = split_examples(Examples(texts), 12, 8, seed=3)
+    for source in (tmp_path / "folder", tmp_path / "saved"):
+        calib, evaluation = select_examples(read_dataset(str(source)), 12, 8, 3)
+        assert [r["text"] for r in calib] == want_calib.texts, source
+        assert [r["text"] for r in evaluation] == want_eval.texts, source
+        assert [r["heldout"] for r in calib] == heldout_flags(12)
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
