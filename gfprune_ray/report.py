@@ -96,7 +96,9 @@ def print_table(records: list[dict], title: str) -> None:
         table.add_column(name, justify="left" if name in ("model", "method", "quality", "status") else "right")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    # a pipe or a log file gets 80 columns by default, which truncates every cell of this table
+    Console(width=max(console.width, 150) if not console.is_terminal else None).print(table)
 
 
 def write_summary(records: list[dict], folder: Path) -> dict[str, Path]:
