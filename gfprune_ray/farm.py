@@ -53,12 +53,12 @@ def connect(address: str | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     common = {"logging_level": logging.WARNING, "log_to_driver": False}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **common)
+        ray.init(address=address, **common)  # a real cluster keeps whatever auth it is set up with
     else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private in-process cluster needs no token
         ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **common)
     quiet_ray_data()
 
