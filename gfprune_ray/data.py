@@ -143,7 +143,7 @@ def example_key(seed: int, text: str) -> int:
     """A seeded pseudo-random sort key of one example (63 bits, fits an int64 column).
 
     Sorting by this key is the seeded shuffle: it needs no global index, so the farm can select
-    the same examples with a distributed sort over Ray Data as the single process does here."""
+    the same examples from Ray Data (the smallest keys) as the single process does here."""
     digest = hashlib.blake2b(text.encode(), digest_size=8, key=str(seed).encode()).digest()
     return int.from_bytes(digest, "big") >> 1
 

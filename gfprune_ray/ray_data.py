@@ -1,7 +1,7 @@
 """The campaign's text on Ray Data: read in parallel, select, tokenize in parallel, shard.
 
 Examples are chosen exactly as the single process chooses them (`data.split_examples`): sorted by
-a seeded per-example key, the first ones evaluate and the next ones calibrate. A distributed sort
+a seeded per-example key, the first ones evaluate and the next ones calibrate. A selection by key
 needs no global index, so the selection does not depend on how files are split into blocks, and a
 sweep prunes with the very examples that `gfprune-ray prune` would use.
 
