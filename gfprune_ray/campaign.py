@@ -20,6 +20,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
+from .loading import PACKAGED_PREFIX, looks_like_path
 from .methods import METHODS
 from .reconstruct import MODES
 from .search import SEARCHES
@@ -60,7 +61,7 @@ class ModelEntry(BaseModel):
         """A short, path-safe name: a local folder's name, or the hub id with / as --."""
         if Path(self.source).is_absolute():
             return Path(self.source).name
-        return self.source.removeprefix("pkg:").replace("/", "--").replace(":", "-").lstrip(".-") or "model"
+        return self.source.removeprefix(PACKAGED_PREFIX).replace("/", "--").replace(":", "-").lstrip(".-") or "model"
 
 
 class Campaign(BaseModel):
@@ -157,18 +158,14 @@ def _validation_message(where: str, exc: ValidationError) -> str:
 # ---- models files --------------------------------------------------------------------------
 
 
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.count("/") > 1
-
-
 def _resolve_source(source: str, base: Path, where: str) -> str:
     """Local folders are taken relative to the models file; hub ids and pkg: names stay as they are."""
-    if source.startswith("pkg:"):
+    if source.startswith(PACKAGED_PREFIX):
         return source
     path = (base / Path(source).expanduser()).resolve()
     if path.exists():
         return str(path)
-    if _looks_like_path(source):
+    if looks_like_path(source):
         raise UserError(f"{where}: model folder not found: {source}")
     return source
 

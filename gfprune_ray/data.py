@@ -12,7 +12,6 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .errors import UserError
@@ -104,16 +103,32 @@ def _read_file(path: Path) -> Examples:
     return _read_text_file(path)
 
 
-def _read_hub(name: str) -> Examples:
+def is_hub_name(source: str) -> bool:
+    """A source that is no existing path and does not look like one names a hub dataset."""
+    path = Path(source)
+    return not path.exists() and not path.suffix and not source.startswith((".", "/", "~"))
+
+
+def load_hf_dataset(source: str):
+    """A `datasets.Dataset` with its `text` (and `label`) columns: the train split of a hub
+    dataset, or a `save_to_disk` folder. Failures are one line for the user."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(name, split="train")
-    except Exception as exc:  # no network, unknown name: one line for the user
-        raise UserError(f"data not found: {name!r} is neither a file nor a loadable dataset ({type(exc).__name__})") from None
+        if Path(source).is_dir():
+            loaded = datasets.load_from_disk(source)
+            dataset = loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            dataset = datasets.load_dataset(source, split="train")
+    except Exception as exc:  # no network, unknown name, unreadable folder
+        raise UserError(f"data not found: {source!r} is neither a file nor a loadable dataset ({type(exc).__name__})") from None
     if "text" not in dataset.column_names:
-        raise UserError(f"dataset {name!r} has no 'text' column")
-    return _from_records(dataset.select_columns([c for c in ("text", "label") if c in dataset.column_names]).to_list(), name)
+        raise UserError(f"dataset {source!r} has no 'text' column")
+    return dataset.select_columns([c for c in ("text", "label") if c in dataset.column_names])
+
+
+def _read_hub(name: str) -> Examples:
+    return _from_records(load_hf_dataset(name).to_list(), name)
 
 
 def read_examples(source: str) -> Examples:
@@ -130,7 +145,7 @@ def read_examples(source: str) -> Examples:
             examples = Examples(texts, labels)
         elif path.exists():
             examples = _read_file(path)
-        elif path.suffix or source.startswith((".", "/", "~")):
+        elif not is_hub_name(source):
             raise UserError(f"data not found: {source}")
         else:
             examples = _read_hub(source)

@@ -211,18 +211,20 @@ def collector_resources(workers: int) -> tuple[dict, int]:
     return {"num_cpus": 1}, max(1, int(per_node // workers))
 
 
-def submit_collection(source: str, data, sites: list[Site], workers: int, batch_size: int, counter=None) -> dict[Site, ray.ObjectRef]:
-    """Start `workers` actors on disjoint shards; returns one reduced (fit, heldout) ref per site.
+def submit_collection(source: str, data, sites: list[Site], workers: int, batch_size: int, counter=None) -> tuple[dict[Site, ray.ObjectRef], int]:
+    """Start `workers` actors on disjoint shards. Returns one reduced (fit, heldout) ref per site
+    and the number of batches the actors will report to `counter`.
 
     The actor handles are dropped here: Ray ends each actor once its call has finished."""
     resources, threads = collector_resources(workers)
     shards = shard(data, workers)
+    batches = sum(-(-part.count() // batch_size) for part in shards)
     partials = []
     for part in shards:
         actor = Collector.options(**resources).remote(source, threads)
         call = actor.collect.options(num_returns=len(sites)).remote(part, batch_size, counter)
         partials.append(_returns(call, len(sites)))
-    return {site: reduce_tree([p[j] for p in partials]) for j, site in enumerate(sites)}
+    return {site: reduce_tree([p[j] for p in partials]) for j, site in enumerate(sites)}, batches
 
 
 # ---- score, search, reconstruct ------------------------------------------------------------

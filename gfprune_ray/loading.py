@@ -6,7 +6,6 @@ import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import transformers
@@ -34,6 +33,11 @@ def packaged_model_path(name: str) -> Path:
     return Path(getattr(module, function)())
 
 
+def looks_like_path(source: str) -> bool:
+    """A model source that can only mean a local folder (a hub id has at most one slash)."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
 def resolve_model(source: str) -> str:
     """A local folder path, or a hub id left as it is. Missing local paths fail here, early."""
     if source.startswith(PACKAGED_PREFIX):
@@ -43,7 +47,7 @@ def resolve_model(source: str) -> str:
         if not (path / "config.json").exists():
             raise UserError(f"model folder has no config.json: {source}")
         return str(path)
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+    if looks_like_path(source):
         raise UserError(f"model not found: {source}")
     return source
 

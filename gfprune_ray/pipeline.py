@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import HELDOUT_EVERY, heldout_flags  # noqa: F401 (HELDOUT_EVERY is re-exported)
+from .data import heldout_flags
 from .flops import check_budget
 from .methods import get_method
 from .models import Adapter
 from .reconstruct import MODES, Reconstruction, reconstruct
 from .search import SEARCHES, Masks, Site
 from .stats import ModelStats, collect_split
-
 
 
 @dataclass

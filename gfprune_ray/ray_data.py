@@ -18,21 +18,19 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from .data import BUNDLED, JSON_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, example_key, heldout_flags, pydoc_paragraphs, split_sizes
+from .data import (
+    BUNDLED,
+    JSON_SUFFIXES,
+    PARQUET_SUFFIXES,
+    TEXT_SUFFIXES,
+    example_key,
+    heldout_flags,
+    is_hub_name,
+    load_hf_dataset,
+    pydoc_paragraphs,
+    split_sizes,
+)
 from .errors import UserError
-
-
-def _hf_dataset(source: str):
-    """A datasets.Dataset from a `save_to_disk` folder or a hub name (its train split)."""
-    import datasets
-
-    try:
-        if Path(source).is_dir():
-            loaded = datasets.load_from_disk(source)
-            return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
-        return datasets.load_dataset(source, split="train")
-    except Exception as exc:  # no network, unknown name, unreadable folder: one line for the user
-        raise UserError(f"data not found: {source!r} is neither a file nor a loadable dataset ({type(exc).__name__})") from None
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -58,14 +56,9 @@ def _read_files(files: list[Path]) -> ray.data.Dataset:
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def _is_hub_name(source: str) -> bool:
-    path = Path(source)
-    return not path.exists() and not path.suffix and not source.startswith((".", "/", "~"))
-
-
 def check_source(source: str) -> None:
     """Fail early, before Ray or MLflow are touched, on a data path that does not exist."""
-    if source != BUNDLED and not Path(source).exists() and not _is_hub_name(source):
+    if source != BUNDLED and not Path(source).exists() and not is_hub_name(source):
         raise UserError(f"data not found: {source}")
 
 
@@ -75,11 +68,8 @@ def read_dataset(source: str) -> ray.data.Dataset:
         return ray.data.from_items([{"text": t} for t in pydoc_paragraphs()])
     check_source(source)
     path = Path(source)
-    if _is_saved_dataset(path) or _is_hub_name(source):
-        dataset = _hf_dataset(source)
-        if "text" not in dataset.column_names:
-            raise UserError(f"dataset {source!r} has no 'text' column")
-        return ray.data.from_huggingface(dataset.select_columns([c for c in ("text", "label") if c in dataset.column_names]))
+    if _is_saved_dataset(path) or is_hub_name(source):
+        return ray.data.from_huggingface(load_hf_dataset(source))
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES)
         if not files:

@@ -110,9 +110,11 @@ def collect_split(
         def hook(_module, args):
             x = args[0]  # (batch, seq, width), or (batch * seq, width) where a model flattens (OPT)
             x = x.reshape(-1, x.shape[-1])[current["mask"]]
-            fit.sites[key].add_(x[~current["held"]])
             if current["any_held"]:
+                fit.sites[key].add_(x[~current["held"]])
                 heldout.sites[key].add_(x[current["held"]])
+            else:  # no copy of the activations on the common path
+                fit.sites[key].add_(x)
 
         return hook
 

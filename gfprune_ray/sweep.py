@@ -9,7 +9,6 @@ of methods and budgets, and are cached on disk for later campaigns.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from .errors import UserError
 from .progress import StageProgress
 from .ray_data import check_source, fingerprint_and_length, read_dataset, select_examples, tokenize_rows
 from .report import print_table, write_summary
-from .single import LATENCY_SEQ_LEN
+from .single import LATENCY_SEQ_LEN, staged_output
 from .stats import ModelStats, load_stats, save_stats, stats_fingerprint
 from .tracking import Tracker, package_versions
 
@@ -94,10 +93,9 @@ class Sweep:
             work.stats_reused, work.collect_s = True, 0.0
             work.tokens = parts["fit"].tokens + parts["heldout"].tokens
         else:
-            n_batches = -(-len(calib_rows) // self.c.batch_size)
-            self.progress.add("collect", n_batches)
             work.collect_start = time.perf_counter()
-            work.sites = farm.submit_collection(source, calib, sites, self.c.workers, self.c.batch_size, self.counter)
+            work.sites, batches = farm.submit_collection(source, calib, sites, self.c.workers, self.c.batch_size, self.counter)
+            self.progress.add("collect", batches)
             self.collecting.append(work)
         self.submit_units(work, evaluation)
 
@@ -215,15 +213,13 @@ class Sweep:
         return out
 
     def _write_model(self, unit: Unit, files: dict[str, bytes]) -> Path:
-        """The pruned model under out/<model>/<method>-<budget>, written aside and then renamed."""
+        """The pruned model under out/<model>/<method>-<budget>, written aside and then renamed
+        (a folder left by a killed attempt at this unit is replaced)."""
         folder = self.c.out / unit.name / f"{unit.method}-{unit.budget:g}"
-        staging = folder.with_name(f".{folder.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        for rel, data in files.items():
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            (staging / rel).write_bytes(data)
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
+        with staged_output(folder, force=True) as staging:
+            for rel, data in files.items():
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                (staging / rel).write_bytes(data)
         return folder
 
     # ---- the whole campaign ----------------------------------------------------------------

@@ -60,24 +60,25 @@ class Tracker:
         tags = tags | ({PARENT: parent} if parent else {})
         return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
 
+    def _resume(self, filter_string: str) -> str | None:
+        """The run an earlier attempt left for this filter, marked running again; None if none."""
+        runs = self._search(filter_string)
+        if not runs:
+            return None
+        self.client.update_run(runs[0].info.run_id, RunStatus.to_string(RunStatus.RUNNING))
+        return runs[0].info.run_id
+
     def campaign_run(self, key: str, name: str, params: dict) -> str:
         """The campaign's parent run: the existing one for this key (a resume), or a new one."""
-        runs = self._search(f"tags.{KIND} = 'campaign' and tags.{CAMPAIGN} = '{key}'")
-        if runs:
-            run_id = runs[0].info.run_id
-            self.client.update_run(run_id, RunStatus.to_string(RunStatus.RUNNING))
-            return run_id
-        run_id = self._create(name, {KIND: "campaign", CAMPAIGN: key})
-        self.log(run_id, params=params)
+        run_id = self._resume(f"tags.{KIND} = 'campaign' and tags.{CAMPAIGN} = '{key}'")
+        if run_id is None:
+            run_id = self._create(name, {KIND: "campaign", CAMPAIGN: key})
+            self.log(run_id, params=params)
         return run_id
 
     def model_run(self, campaign_key: str, campaign_run: str, name: str, source: str) -> str:
-        runs = self._search(f"tags.{KIND} = 'model' and tags.{CAMPAIGN} = '{campaign_key}' and tags.{MODEL} = '{name}'")
-        if runs:
-            run_id = runs[0].info.run_id
-            self.client.update_run(run_id, RunStatus.to_string(RunStatus.RUNNING))
-            return run_id
-        return self._create(name, {KIND: "model", CAMPAIGN: campaign_key, MODEL: name, "source": source}, campaign_run)
+        run_id = self._resume(f"tags.{KIND} = 'model' and tags.{CAMPAIGN} = '{campaign_key}' and tags.{MODEL} = '{name}'")
+        return run_id or self._create(name, {KIND: "model", CAMPAIGN: campaign_key, MODEL: name, "source": source}, campaign_run)
 
     def finished_units(self, campaign_key: str) -> dict[str, str]:
         """unit key -> run id of the finished units; unfinished unit runs are deleted (redone)."""

@@ -104,7 +104,7 @@ def test_two_actors_give_the_single_process_statistics(local_ray, ws, family):
     # the same examples, in the same order, as the single process: same fingerprint and length
     assert fingerprint_and_length(calib, 8) == (batches_fingerprint(batches), mean_tokens_per_sequence(batches))
     info = ray.get(farm.describe.remote(str(source)))
-    sites = farm.submit_collection(str(source), calib, info.sites, 2, 8)
+    sites, _ = farm.submit_collection(str(source), calib, info.sites, 2, 8)
     _assert_exact(dict(zip(sites, ray.get(list(sites.values())))), single)
 
 
@@ -115,7 +115,8 @@ def test_a_killed_collection_actor_is_restarted_and_statistics_stay_exact(local_
     calib, _ = _farm_data(ws.bert, data, 600, 16, 2)
     info = ray.get(farm.describe.remote(str(ws.bert)))
     counter = farm.Counter.remote()
-    sites = farm.submit_collection(str(ws.bert), calib, info.sites, 2, 2, counter)
+    sites, batches = farm.submit_collection(str(ws.bert), calib, info.sites, 2, 2, counter)
+    assert batches == 300
     deadline = time.time() + 120
     while not ray.get(counter.workers.remote()) and time.time() < deadline:
         time.sleep(0.05)

@@ -295,7 +295,8 @@ def test_minilm_full_reconstruction_beats_none_on_unseen_tokens():
 
 
 def test_heldout_split_is_by_example_and_independent_of_batch_size():
-    from gfprune_ray.pipeline import HELDOUT_EVERY, heldout_rows, mark_heldout
+    from gfprune_ray.data import HELDOUT_EVERY
+    from gfprune_ray.pipeline import heldout_rows, mark_heldout
 
     model = tiny_model("bert")
     adapter = adapter_for(model)
