@@ -61,7 +61,7 @@ def prune(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the pruned model (must not exist, or be empty)."),
     data: str = typer.Option("pydoc", "--data", "-d", help=DATA_HELP),
     budget: float = typer.Option(0.6, "--budget", "-b", help="Fraction of the prunable MACs to keep, in (0, 1]."),
-    method: str = typer.Option("gfp", help="Unit scores: gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random."),
+    method: str = typer.Option("gfp", help="gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random (unit scores), or llm-surgeon (curvature, correlated updates, several shots; ignores --reconstruct)."),
     reconstruct: str = typer.Option("full", help="New weights for kept units: full, scale or none."),
     allocation: str = typer.Option("global", help="global: rank units across layers; uniform: same ratio in every layer."),
     samples: int = typer.Option(256, help="Calibration examples (every 5th is held out to tune reconstruction)."),
@@ -71,12 +71,13 @@ def prune(
     seed: int = typer.Option(0, help="Seed of the data split and of the random method."),
     stats: Path | None = typer.Option(None, help="Statistics file: reused when it exists (refused if it belongs to another model or data), written otherwise."),
     latency_repeats: int = typer.Option(5, help="Timed forward passes per latency measurement (the median is reported)."),
+    shots: int = typer.Option(5, help="llm-surgeon: shots to reach the budget, each with curvature collected again on the partly pruned model."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ) -> None:
     """Prune MODEL to a MACs budget with unlabeled text, save it to OUT and report its quality and speed."""
     from .single import PruneOptions, prune_model
 
-    opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats)
+    opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shots)
     report = _run(lambda: prune_model(model, data, opts, out, stats, force))
     _print_report(f"{model} @ budget {budget} ({method}, {reconstruct})", report["metrics"], report["timings"])
     typer.echo(f"saved to {out} (load with gfprune_ray.load_pruned({str(out)!r}))")

@@ -6,6 +6,7 @@ can run the same functions as Ray tasks (one per layer, per budget) and get the 
 
 from __future__ import annotations
 
+import copy
 import time
 import zlib
 from collections.abc import Callable
@@ -13,13 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .curvature import Curvature, collect_curvature
 from .data import heldout_flags
 from .flops import check_budget
 from .methods import get_method
-from .models import Adapter
+from .methods import surgeon
+from .models import Adapter, adapter_for
 from .reconstruct import MODES, Reconstruction, reconstruct
 from .search import SEARCHES, Masks, Site
 from .stats import ModelStats, collect_split
+from .surgery import apply_pruning
 
 
 @dataclass
@@ -129,3 +133,64 @@ def plan(
     timings["reconstruct_s"] = time.perf_counter() - start
     kept = masks.kept_fraction(adapter.geometries(), calibration.seq_len)
     return PruneResult(masks, weights, budget, kept, timings)
+
+
+# ---- LLM Surgeon: several shots, curvature refreshed on the partly pruned model ----------------
+
+
+def surgeon_model(adapter: Adapter, state: surgeon.SurgeonState) -> Adapter:
+    """A copy of the dense model cut and updated as far as `state` has come."""
+    current = adapter_for(copy.deepcopy(adapter.model))
+    if state.shots_done:
+        apply_pruning(current, state.masks(adapter.geometries()), state.weights)
+    return current
+
+
+def surgeon_shot(
+    state: surgeon.SurgeonState,
+    curvature: Curvature,
+    dense_weights: dict[Site, object],
+    dense_geoms: list,
+    target: float,
+    seq_len: float,
+) -> tuple[surgeon.SurgeonState, dict[str, float]]:
+    """One shot on collected curvature: costs, global masks to `target`, joint updates per layer."""
+    timings = {}
+    start = time.perf_counter()
+    current = {site: state.site_weights(site, dense_weights[site]) for site in state.sites()}
+    costs = {site: surgeon.unit_costs(w, curvature[site]) for site, w in current.items()}
+    timings["score_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    local = surgeon.shot_masks(costs, state, dense_geoms, target, seq_len)
+    timings["search_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    updates = {site: surgeon.surgeon_update(current[site], mask, curvature[site]) for site, mask in local.keep.items() if not bool(mask.all())}
+    timings["reconstruct_s"] = time.perf_counter() - start
+    return state.advance(local, updates), timings
+
+
+def plan_llm_surgeon(
+    adapter: Adapter,
+    batches: list[dict],
+    budget: float,
+    seq_len: float,
+    shots: int = surgeon.SHOTS,
+    seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> PruneResult:
+    """LLM Surgeon to `budget` in `shots` shots; the model is not touched. Each shot collects
+    curvature on the model as pruned so far, so the result is relative to the dense model."""
+    dense_geoms = adapter.geometries()
+    state = surgeon.SurgeonState.dense(dense_geoms)
+    dense_weights = {site: adapter.unit_weights(*site) for site in state.kept}
+    marked = mark_heldout(batches)
+    timings = {"collect_s": 0.0, "score_s": 0.0, "search_s": 0.0, "reconstruct_s": 0.0}
+    for target in surgeon.shot_targets(check_budget(budget), shots):
+        start = time.perf_counter()
+        curvature = collect_curvature(surgeon_model(adapter, state), marked, seed, on_batch)
+        timings["collect_s"] += time.perf_counter() - start
+        state, shot_timings = surgeon_shot(state, curvature, dense_weights, dense_geoms, target, seq_len)
+        for key, seconds in shot_timings.items():
+            timings[key] += seconds
+    masks = state.masks(dense_geoms)
+    return PruneResult(masks, state.weights, budget, masks.kept_fraction(dense_geoms, seq_len), timings)

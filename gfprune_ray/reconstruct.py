@@ -39,7 +39,7 @@ class Reconstruction:
     heldout_error_none: float  # the same error without reconstruction
 
 
-def _moment(stats: GramStats, with_constant: bool) -> torch.Tensor:
+def input_moment(stats: GramStats, with_constant: bool) -> torch.Tensor:
     """E[x x^T], augmented with the constant input 1 as the last coordinate when asked."""
     moment = stats.second_moment
     if not with_constant:
@@ -50,7 +50,7 @@ def _moment(stats: GramStats, with_constant: bool) -> torch.Tensor:
     return torch.cat([top, bottom], 0)
 
 
-def _augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def augmented_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     w = weight.to(torch.float64)
     return w if bias is None else torch.cat([w, bias.to(torch.float64)[:, None]], 1)
 
@@ -62,7 +62,7 @@ def relative_error(dense: torch.Tensor, pruned: torch.Tensor, moment: torch.Tens
     return float(((delta @ moment) * delta).sum() / energy.clamp(min=1e-300))
 
 
-def _with_bias_column(cols: torch.Tensor, inputs: int, has_bias: bool) -> torch.Tensor:
+def with_bias_column(cols: torch.Tensor, inputs: int, has_bias: bool) -> torch.Tensor:
     """Kept columns of the augmented [W, b] layout: the kept inputs, plus the bias column."""
     return torch.cat([cols, torch.tensor([inputs])]) if has_bias else cols
 
@@ -91,26 +91,26 @@ class _Quadratic:
         return torch.linalg.solve(self.m_ss + torch.diag(ridge), rhs.T).T  # the system is symmetric
 
 
-def _split(augmented: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def split_augmented(augmented: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (augmented[:, :-1], augmented[:, -1]) if has_bias else (augmented, None)
 
 
 def reconstruct_full(weight, bias, keep_cols, fit: GramStats, heldout: GramStats) -> Reconstruction:
     has_bias = bias is not None
-    dense = _augment(weight, bias)
-    cols = _with_bias_column(keep_cols, weight.shape[1], has_bias)
+    dense = augmented_weight(weight, bias)
+    cols = with_bias_column(keep_cols, weight.shape[1], has_bias)
     ridged = torch.ones(len(cols), dtype=torch.bool)
     if has_bias:
         ridged[-1] = False
-    on_fit = _Quadratic(dense, _moment(fit, has_bias), cols)
-    on_heldout = _Quadratic(dense, _moment(heldout, has_bias), cols)
+    on_fit = _Quadratic(dense, input_moment(fit, has_bias), cols)
+    on_heldout = _Quadratic(dense, input_moment(heldout, has_bias), cols)
     errors = {lam: on_heldout.relative_error(on_fit.ridge_fit(lam, ridged)) for lam in LAMBDAS}
     best = min(errors, key=errors.get)
     none_error = on_heldout.relative_error(dense[:, cols])
     if errors[best] >= none_error:  # no ridge beats the original weights on held-out tokens
         return Reconstruction(weight[:, keep_cols].to(torch.float64), bias, None, none_error, none_error)
-    refit = _Quadratic(dense, _moment(fit + heldout, has_bias), cols).ridge_fit(best, ridged)
-    w, b = _split(refit, has_bias)
+    refit = _Quadratic(dense, input_moment(fit + heldout, has_bias), cols).ridge_fit(best, ridged)
+    w, b = split_augmented(refit, has_bias)
     return Reconstruction(w, b, best, errors[best], none_error)
 
 
@@ -124,8 +124,8 @@ def _unit_scale_system(weight: torch.Tensor, moment: torch.Tensor, width: int) -
 def reconstruct_scale(weight, bias, keep_units, width, fit: GramStats, heldout: GramStats) -> Reconstruction:
     w = weight.to(torch.float64)
     cols = unit_rows(keep_units, width)
-    dense = _augment(weight, bias)
-    on_heldout = _Quadratic(dense, _moment(heldout, bias is not None), _with_bias_column(cols, w.shape[1], bias is not None))
+    dense = augmented_weight(weight, bias)
+    on_heldout = _Quadratic(dense, input_moment(heldout, bias is not None), with_bias_column(cols, w.shape[1], bias is not None))
     bias_column = dense[:, w.shape[1] :]  # empty without a bias; scaling leaves the bias alone
 
     def error(scales: torch.Tensor) -> float:
@@ -167,8 +167,8 @@ def reconstruct(
     if mode == "scale":
         return reconstruct_scale(weight, bias, keep_units, width, fit, heldout)
     if mode == "none":
-        dense = _augment(weight, bias)
-        kept = _with_bias_column(cols, weight.shape[1], bias is not None)
-        error = _Quadratic(dense, _moment(heldout, bias is not None), kept).relative_error(dense[:, kept])
+        dense = augmented_weight(weight, bias)
+        kept = with_bias_column(cols, weight.shape[1], bias is not None)
+        error = _Quadratic(dense, input_moment(heldout, bias is not None), kept).relative_error(dense[:, kept])
         return Reconstruction(weight[:, cols].to(torch.float64), bias, None, error, error)
     raise ValueError(f"unknown reconstruction {mode!r}; choose one of: {', '.join(MODES)}")

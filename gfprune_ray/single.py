@@ -23,9 +23,10 @@ from .errors import UserError
 from .evaluate import QualityReference, efficiency
 from .flops import check_budget
 from .loading import load_model
-from .methods import METHODS
+from .methods import METHOD_NAMES, SURGEON
+from .methods.surgeon import SHOTS
 from .models import adapter_for
-from .pipeline import Calibration, calibrate, plan
+from .pipeline import Calibration, calibrate, plan, plan_llm_surgeon
 from .progress import bar
 from .reconstruct import MODES
 from .search import SEARCHES
@@ -45,6 +46,7 @@ class PruneOptions:
     batch_size: int = 32
     seed: int = 0
     latency_repeats: int = 5
+    shots: int = SHOTS  # llm-surgeon only
 
     def validate(self) -> PruneOptions:
         try:
@@ -52,13 +54,13 @@ class PruneOptions:
         except ValueError as exc:
             raise UserError(str(exc)) from None
         for name, value, allowed in (
-            ("method", self.method, METHODS),
+            ("method", self.method, METHOD_NAMES),
             ("reconstruction", self.reconstruction, MODES),
             ("allocation", self.allocation, SEARCHES),
         ):
             if value not in allowed:
                 raise UserError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
-        for name in ("samples", "eval_samples", "seq_len", "batch_size"):
+        for name in ("samples", "eval_samples", "seq_len", "batch_size", "shots"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         return self
@@ -143,6 +145,26 @@ def measure(dense_adapter, pruned_adapter, reference: QualityReference, opts: Pr
     return quality | efficiency(dense_adapter, pruned_adapter, seq_len=seq_len, repeats=opts.latency_repeats)
 
 
+def _plan(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | None, timings: dict):
+    """The pruning plan of `opts.method` and what to record about its calibration."""
+    seq_len = mean_tokens_per_sequence(batches)
+    if opts.method == SURGEON:
+        if stats_path is not None:
+            raise UserError("--stats does not apply to llm-surgeon: it collects curvature on the partly pruned model in every shot")
+        with bar("curvature", len(batches) * opts.shots) as step:
+            result = plan_llm_surgeon(adapter, batches, opts.budget, seq_len, opts.shots, opts.seed, on_batch=step)
+        timings.update(result.timings)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        return result, {"stats_fingerprint": None, "stats_reused": False, "calibration_tokens": tokens, "mean_seq_len": seq_len}
+    start = time.perf_counter()
+    calibration, fingerprint, reused = obtain_statistics(adapter, batches, opts, stats_path)
+    timings["collect_s"] = time.perf_counter() - start
+    result = plan(adapter, calibration, opts.budget, opts.method, opts.reconstruction, opts.allocation, opts.seed)
+    timings.update(result.timings)
+    record = {"stats_fingerprint": fingerprint, "stats_reused": reused, "calibration_tokens": calibration.total.tokens, "mean_seq_len": calibration.seq_len}
+    return result, record
+
+
 def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_path: Path | None = None, force: bool = False) -> dict:
     """Prune one model to one budget and save it to `out`; returns the report (also in gfprune.json)."""
     opts.validate()
@@ -153,11 +175,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
         adapter = supported_adapter(model, source)
         check_seq_len(adapter, opts.seq_len)
         calib_batches, eval_batches, labels = prepare_batches(tokenizer, examples, opts)
-        start = time.perf_counter()
-        calibration, fingerprint, reused = obtain_statistics(adapter, calib_batches, opts, stats_path)
-        timings["collect_s"] = time.perf_counter() - start
-        result = plan(adapter, calibration, opts.budget, opts.method, opts.reconstruction, opts.allocation, opts.seed)
-        timings.update(result.timings)
+        result, calibration_record = _plan(adapter, calib_batches, opts, stats_path, timings)
         dense = adapter_for(copy.deepcopy(model))
         with bar("reference", len(eval_batches)) as step:
             reference = QualityReference(dense.model, dense, eval_batches, labels, on_batch=step)
@@ -172,10 +190,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
             "source": source,
             "data": data,
             "options": asdict(opts),
-            "stats_fingerprint": fingerprint,
-            "stats_reused": reused,
-            "calibration_tokens": calibration.total.tokens,
-            "mean_seq_len": calibration.seq_len,
+            **calibration_record,
             "metrics": metrics | result.summary(),
             "timings": timings,
             "sizes": adapter.sizes(),

@@ -92,6 +92,49 @@ def empty_stats(adapter: Adapter) -> ModelStats:
     return ModelStats(sites)
 
 
+class BatchRouting:
+    """Which tokens of the current batch count (non-padding) and which go to the held-out part.
+
+    A batch may carry a boolean `heldout` flag per row: tokens of flagged rows go to the held-out
+    statistics, the rest to the fit statistics."""
+
+    def __init__(self):
+        self.tokens = torch.zeros(0, dtype=torch.bool)
+        self.held = torch.zeros(0, dtype=torch.bool)
+        self.any_held = False
+
+    def start(self, batch: dict[str, torch.Tensor]) -> int:
+        """Route the tokens of a new batch; returns its non-padding token count."""
+        mask = batch["attention_mask"].bool()
+        rows = batch.get("heldout", torch.zeros(len(mask), dtype=torch.bool)).bool()
+        self.tokens = mask.flatten()
+        self.held = rows[:, None].expand_as(mask)[mask]
+        self.any_held = bool(rows.any())
+        return int(self.tokens.sum())
+
+    def tokens_of(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, width), or (batch * seq, width) where a model flattens (OPT), as the
+        (non-padding tokens, width) block."""
+        return x.reshape(-1, x.shape[-1])[self.tokens]
+
+
+def record_inputs(adapter: Adapter, fit: ModelStats, heldout: ModelStats, routing: BatchRouting) -> list:
+    """Forward pre-hooks that add every site's inputs to `fit` / `heldout`; returns the handles."""
+
+    def hook_for(key: tuple[int, Kind]):
+        def hook(_module, args):
+            x = routing.tokens_of(args[0])
+            if routing.any_held:
+                fit.sites[key].add_(x[~routing.held])
+                heldout.sites[key].add_(x[routing.held])
+            else:  # no copy of the activations on the common path
+                fit.sites[key].add_(x)
+
+        return hook
+
+    return [adapter.output_projection(i, kind).register_forward_pre_hook(hook_for((i, kind))) for (i, kind) in fit.sites]
+
+
 @torch.inference_mode()
 def collect_split(
     adapter: Adapter,
@@ -101,37 +144,20 @@ def collect_split(
     """One forward pass over `batches` (dicts with input_ids and attention_mask) with hooks that
     accumulate every site's statistics over the non-padding tokens.
 
-    A batch may carry a boolean `heldout` flag per row: tokens of flagged rows go to the second
-    statistics, the rest to the first, so fit and held-out statistics cost one pass together."""
+    Tokens of rows flagged `heldout` go to the second statistics, the rest to the first, so fit
+    and held-out statistics cost one pass together."""
     fit, heldout = empty_stats(adapter), empty_stats(adapter)
-    current: dict[str, torch.Tensor] = {}
-
-    def hook_for(key: tuple[int, Kind]):
-        def hook(_module, args):
-            x = args[0]  # (batch, seq, width), or (batch * seq, width) where a model flattens (OPT)
-            x = x.reshape(-1, x.shape[-1])[current["mask"]]
-            if current["any_held"]:
-                fit.sites[key].add_(x[~current["held"]])
-                heldout.sites[key].add_(x[current["held"]])
-            else:  # no copy of the activations on the common path
-                fit.sites[key].add_(x)
-
-        return hook
-
-    handles = [adapter.output_projection(i, kind).register_forward_pre_hook(hook_for((i, kind))) for (i, kind) in fit.sites]
+    routing = BatchRouting()
+    handles = record_inputs(adapter, fit, heldout, routing)
     model = adapter.model
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
-            mask = batch["attention_mask"].bool()
-            rows = batch.get("heldout", torch.zeros(len(mask), dtype=torch.bool)).bool()
-            current["mask"] = mask.flatten()
-            current["held"] = rows[:, None].expand_as(mask)[mask]
-            current["any_held"] = bool(rows.any())
+            tokens = routing.start(batch)
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             if on_batch is not None:
-                on_batch(int(current["mask"].sum()))
+                on_batch(tokens)
     finally:
         for handle in handles:
             handle.remove()

@@ -7,6 +7,9 @@ removing the unit takes out of the block output; magnitude and random are additi
 weights (squared norm; a random value times the weight count), so a head weighs as much as the
 neurons of the same size. gfp-r2 alone is only comparable within a layer (use it with uniform
 allocation; the benchmark shows what happens globally).
+
+llm-surgeon is not a score function: it needs curvature on the partly pruned model in every shot
+and writes its own weights (`surgeon.py`, run by `pipeline.plan_llm_surgeon` and the farm).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ..models import UnitWeights
 from ..stats import GramStats
 from .baselines import fluctuation_scores, magnitude_scores, random_scores
 from .gfp import gfp_d2_scores, gfp_r2_scores, gfp_scores
+from .surgeon import NAME as SURGEON
 
 ScoreFn = Callable[[UnitWeights, GramStats, torch.Generator], torch.Tensor]
 
@@ -31,6 +35,8 @@ METHODS: dict[str, ScoreFn] = {
     "random": random_scores,
 }
 
+METHOD_NAMES: tuple[str, ...] = (*METHODS, SURGEON)
+
 
 def get_method(name: str) -> ScoreFn:
     try:
@@ -39,4 +45,4 @@ def get_method(name: str) -> ScoreFn:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
 
 
-__all__ = ["METHODS", "ScoreFn", "get_method"]
+__all__ = ["METHODS", "METHOD_NAMES", "SURGEON", "ScoreFn", "get_method"]
