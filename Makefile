@@ -21,7 +21,7 @@ install: $(STAMP)
 # budgets 0.9 to 0.5, gfp and two baselines, on embedded Ray with a local MLflow store (mlflow.db).
 demo: $(STAMP)
 	$(BIN)/gfprune-ray sweep --models examples/models.txt --data pydoc --budgets 0.9,0.8,0.7,0.6,0.5 \
-		--methods gfp,fluctuation,magnitude --experiment demo --out runs/demo
+		--methods gfp,fluctuation,magnitude,llm-surgeon --experiment demo --out runs/demo
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'demo')"
 
 test: $(STAMP)

@@ -4,7 +4,8 @@
     .venv/bin/python bench/core.py --model PATH_OR_ID    # any supported model (repeatable)
 
 Statistics are collected once per model and reused for every method, budget and reconstruction,
-as the farm does. Prints a Markdown table and writes JSON (and a quality-vs-MACs plot) to
+as the farm does. llm-surgeon collects its own curvature in every shot; it is run once per shot
+count in --surgeon-shots, and its prune time is its whole plan (all shots) plus surgery. Prints a Markdown table and writes JSON (and a quality-vs-MACs plot) to
 bench/results/. Not a test: nothing here asserts; targets are reported as met or not.
 """
 
@@ -24,7 +25,7 @@ from gfprune_ray.data import mean_tokens_per_sequence, read_examples
 from gfprune_ray.evaluate import QualityReference, efficiency
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
-from gfprune_ray.pipeline import calibrate, reconstruct_sites, score_sites, search_masks
+from gfprune_ray.pipeline import calibrate, plan_llm_surgeon, reconstruct_sites, score_sites, search_masks
 from gfprune_ray.single import PruneOptions, prepare_batches
 from gfprune_ray.surgery import apply_pruning
 
@@ -39,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--methods", default="gfp,fluctuation,magnitude,random")
     p.add_argument("--ablations", default="gfp-r2,gfp-d2", help="extra methods run with full reconstruction only")
     p.add_argument("--reconstructions", default="full,none")
+    p.add_argument("--surgeon-shots", default="1,5", help="llm-surgeon runs, one per shot count (empty: none)")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=128)
@@ -68,23 +70,40 @@ def prepare(source: str, args) -> dict:
     _, forward_s = timed(plain_forward, model, calib_batches)
     calibration, collect_s = timed(calibrate, adapter, calib_batches, mean_tokens_per_sequence(calib_batches))
     reference = QualityReference(model, adapter, eval_batches, labels)
-    return dict(model=model, adapter=adapter, calibration=calibration, reference=reference,
+    return dict(model=model, adapter=adapter, calibration=calibration, reference=reference, calib_batches=calib_batches,
                 forward_s=forward_s, collect_s=collect_s, tokens=calibration.total.tokens)
+
+
+def measured(ctx: dict, masks, weights, args, with_latency: bool) -> dict:
+    """Cut a copy of the model and measure it: quality, MACs, params, latency where asked."""
+    adapter = ctx["adapter"]
+    pruned = adapter_for(copy.deepcopy(ctx["model"]))
+    _, surgery_s = timed(apply_pruning, pruned, masks, weights)
+    row = ctx["reference"].measure(pruned.model)
+    batch_sizes = (1, 32) if with_latency else ()  # MACs and params always, latency where asked
+    row |= efficiency(adapter, pruned, args.seq_len, batch_sizes, args.latency_repeats)
+    row["kept_prunable_macs"] = masks.kept_fraction(adapter.geometries(), ctx["calibration"].seq_len)
+    return row | {"surgery_s": surgery_s}
+
+
+def run_surgeon(ctx: dict, budget: float, shots: int, args) -> dict:
+    """llm-surgeon from scratch: its prune time is every shot's curvature, costs and updates."""
+    calibration = ctx["calibration"]
+    result, plan_s = timed(plan_llm_surgeon, ctx["adapter"], ctx["calib_batches"], budget, calibration.seq_len, shots)
+    row = dict(method="llm-surgeon", budget=budget, reconstruction=f"T={shots}", allocation="global", shots=shots)
+    row |= measured(ctx, result.masks, result.weights, args, with_latency=True)
+    row |= {k: v for k, v in result.timings.items()} | {"plan_s": plan_s}
+    row["prune_s"] = plan_s + row["surgery_s"]
+    row["prune_over_forward"] = row["prune_s"] / ctx["forward_s"]
+    return row
 
 
 def run_one(ctx: dict, scores, method, budget, reconstruction, allocation, args, with_latency: bool) -> dict:
     adapter, calibration = ctx["adapter"], ctx["calibration"]
     masks, search_s = timed(search_masks, scores, adapter, budget, calibration.seq_len, allocation)
     weights, reconstruct_s = timed(reconstruct_sites, adapter, masks, calibration, reconstruction)
-    pruned = adapter_for(copy.deepcopy(ctx["model"]))
-    _, surgery_s = timed(apply_pruning, pruned, masks, weights)
     row = dict(method=method, budget=budget, reconstruction=reconstruction, allocation=allocation)
-    row |= ctx["reference"].measure(pruned.model)
-    batch_sizes = (1, 32) if with_latency else ()  # MACs and params always, latency where asked
-    row |= efficiency(adapter, pruned, args.seq_len, batch_sizes, args.latency_repeats)
-    row["kept_prunable_macs"] = masks.kept_fraction(adapter.geometries(), calibration.seq_len)
-    row |= dict(search_s=search_s, reconstruct_s=reconstruct_s, surgery_s=surgery_s)
-    return row
+    return row | measured(ctx, masks, weights, args, with_latency) | dict(search_s=search_s, reconstruct_s=reconstruct_s)
 
 
 def bench_model(source: str, args) -> dict:
@@ -106,6 +125,11 @@ def bench_model(source: str, args) -> dict:
                 row["prune_over_forward"] = row["prune_s"] / ctx["forward_s"]
                 runs.append(row)
                 print(f"   {method:12s} {reconstruction:5s} {allocation:7s} b={budget:.1f} quality={row['relative_quality']:.4f}", file=sys.stderr)
+    for shots in (int(t) for t in filter(None, args.surgeon_shots.split(","))):
+        for budget in budgets:
+            row = run_surgeon(ctx, budget, shots, args)
+            runs.append(row)
+            print(f"   llm-surgeon  T={shots:<3d} b={budget:.1f} quality={row['relative_quality']:.4f} prune {row['prune_s']:.0f} s", file=sys.stderr)
     return dict(model=source, calibration_tokens=ctx["tokens"], forward_s=ctx["forward_s"], collect_s=ctx["collect_s"],
                 score_s=score_times, dense_quality=ctx["reference"].dense_value, runs=runs)
 
@@ -131,7 +155,28 @@ def targets(result: dict) -> dict:
         "prune_cost_target_1.5x_met": all(r["prune_over_forward"] <= 1.5 for r in gfp_full),
         "min_speedup_b32_vs_ideal": min((r["speedup_b32_vs_ideal"] for r in gfp_full), default=None),
         "latency_target_0.9_met": all(r["speedup_b32_vs_ideal"] >= 0.9 for r in gfp_full),
-    }
+    } | surgeon_targets(main)
+
+
+def surgeon_targets(main: list[dict]) -> dict:
+    """Issue 5: llm-surgeon (most shots run) best at 0.8 and 0.7, at <= 5x gfp's prune time."""
+    surgeon = [r for r in main if r["method"] == "llm-surgeon"]
+    if not surgeon:
+        return {}
+    most = max(r["shots"] for r in surgeon)
+    others = [r for r in main if r["method"] != "llm-surgeon" and r["reconstruction"] == "full"]
+    out = {}
+    for budget in (0.8, 0.7):
+        mine = [r for r in surgeon if r["shots"] == most and abs(r["budget"] - budget) < 1e-9]
+        rivals = [r["relative_quality"] for r in others if abs(r["budget"] - budget) < 1e-9]
+        if mine and rivals:
+            out[f"surgeon_T{most}_best_at_{budget}"] = mine[0]["relative_quality"] > max(rivals)
+    gfp = {r["budget"]: r["prune_s"] for r in others if r["method"] == "gfp"}
+    ratios = [r["prune_s"] / gfp[r["budget"]] for r in surgeon if r["shots"] == most and r["budget"] in gfp]
+    if ratios:
+        out[f"surgeon_T{most}_max_prune_over_gfp"] = max(ratios)
+        out["surgeon_wall_target_5x_met"] = max(ratios) <= 5
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -158,7 +203,7 @@ def plot(results: list[dict], path: Path) -> None:
         runs = [r for r in result["runs"] if r["allocation"] == "global"]
         for key in dict.fromkeys((r["method"], r["reconstruction"]) for r in runs):
             pts = sorted((r["budget"], r["relative_quality"]) for r in runs if (r["method"], r["reconstruction"]) == key)
-            ax.plot(*zip(*pts), marker="o", linestyle="-" if key[1] == "full" else "--", label=f"{key[0]} / {key[1]}")
+            ax.plot(*zip(*pts), marker="o", linestyle="--" if key[1] == "none" else "-", label=f"{key[0]} / {key[1]}")
     ax.set_xlabel("prunable MACs kept (budget)")
     ax.set_ylabel("quality relative to dense")
     ax.set_title(", ".join(r["model"] for r in results))

@@ -21,7 +21,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .errors import UserError
 from .loading import PACKAGED_PREFIX, looks_like_path
-from .methods import METHODS
+from .methods import METHOD_NAMES, SURGEON
+from .methods.surgeon import SHOTS
 from .reconstruct import MODES
 from .search import SEARCHES
 
@@ -41,7 +42,7 @@ def _one_of(allowed, what: str):
 
 
 Budget = Annotated[float, Field(gt=0, le=1, description="fraction of prunable MACs kept")]
-Method = Annotated[str, _one_of(METHODS, "method")]
+Method = Annotated[str, _one_of(METHOD_NAMES, "method")]
 Positive = Annotated[int, Field(ge=1)]
 
 
@@ -88,6 +89,15 @@ class Campaign(BaseModel):
     address: str | None = None
     tracking_uri: str | None = None
     latency_repeats: Positive = 5
+    shots: Positive = SHOTS  # llm-surgeon: shots to reach each budget
+
+    def reconstruction_of(self, method: str) -> str:
+        """llm-surgeon writes its own weights (correlated updates); the others use `reconstruction`."""
+        return "correlated" if method == SURGEON else self.reconstruction
+
+    def method_options(self, method: str) -> dict:
+        """Options that change only this method's results."""
+        return {"shots": self.shots} if method == SURGEON else {}
 
     def names(self) -> list[str]:
         """One distinct name per model entry (a repeated name gets -2, -3, ...)."""
@@ -136,7 +146,9 @@ class Unit:
             "budget": budget,
             "task": entry.task,
             "seq_len": campaign.seq_len_of(entry),
-            **{k: getattr(campaign, k) for k in ("data", "samples", "eval_samples", "seed", "reconstruction", "allocation")},
+            "reconstruction": campaign.reconstruction_of(method),
+            **{k: getattr(campaign, k) for k in ("data", "samples", "eval_samples", "seed", "allocation")},
+            **campaign.method_options(method),
         })
 
     @property

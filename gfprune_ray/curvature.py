@@ -68,7 +68,12 @@ class Curvature:
 
 def example_generator(ids: torch.Tensor, seed: int) -> torch.Generator:
     """A generator determined by one example's tokens and the seed."""
-    return torch.Generator().manual_seed(zlib.crc32(ids.to(torch.int64).numpy().tobytes(), seed & 0xFFFFFFFF))
+    return torch.Generator().manual_seed(zlib.crc32(ids.to("cpu", torch.int64).numpy().tobytes(), seed & 0xFFFFFFFF))
+
+
+def _draw(probs: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """One class per row of `probs`, drawn on the CPU (where the generator lives)."""
+    return torch.multinomial(probs.detach().cpu(), 1, generator=rng).to(probs.device)
 
 
 def sampled_loss(outputs, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> torch.Tensor:
@@ -76,20 +81,20 @@ def sampled_loss(outputs, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     summed over non-padding tokens (see the module docstring)."""
     logits = getattr(outputs, "logits", None)
     mask = attention_mask.bool()
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
     for row in range(len(input_ids)):
         rng = example_generator(input_ids[row][mask[row]], seed)
         if logits is not None and logits.dim() == 2:  # one prediction per sequence
             own = logits[row].float()
-            target = torch.multinomial(own.detach().softmax(-1), 1, generator=rng)
+            target = _draw(own.softmax(-1)[None], rng).flatten()
             total = total + torch.nn.functional.cross_entropy(own[None], target, reduction="sum")
         elif logits is not None:  # one prediction per token
             own = logits[row][mask[row]].float()
-            target = torch.multinomial(own.detach().softmax(-1), 1, generator=rng).flatten()
+            target = _draw(own.softmax(-1), rng).flatten()
             total = total + torch.nn.functional.cross_entropy(own, target, reduction="sum")
         else:  # Gaussian around the last hidden state: the loss's gradient at h is -eps
             hidden = outputs.last_hidden_state[row][mask[row]].float()
-            eps = torch.randn(hidden.shape, generator=rng)
+            eps = torch.randn(hidden.shape, generator=rng).to(hidden.device)
             total = total - (eps * hidden).sum()
     return total
 

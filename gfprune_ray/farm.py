@@ -29,9 +29,11 @@ import ray
 import torch
 
 from .evaluate import QualityReference, efficiency
+from .curvature import collect_curvature
 from .methods import get_method
+from .methods.surgeon import SurgeonState
 from .models import BlockGeometry, UnitWeights, adapter_for
-from .pipeline import site_generator
+from .pipeline import site_generator, surgeon_model
 from .ray_data import iter_torch_batches, shard
 from .reconstruct import reconstruct
 from .search import SEARCHES, Site
@@ -80,7 +82,7 @@ def gpus_available() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def _threads(n: float) -> None:
+def set_threads(n: float) -> None:
     # Ray sets OMP_NUM_THREADS to a task's CPU count; torch must be told as well
     torch.set_num_threads(max(1, int(n)))
 
@@ -96,7 +98,7 @@ def _load(source: str):
     return adapter_for(model), tokenizer
 
 
-def _returns(refs, n: int) -> list:
+def ref_list(refs, n: int) -> list:
     """A call with num_returns=1 gives one ref, not a list of one."""
     return [refs] if n == 1 else list(refs)
 
@@ -129,7 +131,7 @@ def site_weights(source: str, sites: list[Site]) -> tuple[UnitWeights, ...]:
 
 
 def submit_site_weights(source: str, sites: list[Site]) -> dict[Site, ray.ObjectRef]:
-    return dict(zip(sites, _returns(site_weights.options(num_returns=len(sites)).remote(source, sites), len(sites))))
+    return dict(zip(sites, ref_list(site_weights.options(num_returns=len(sites)).remote(source, sites), len(sites))))
 
 
 # ---- collect and reduce --------------------------------------------------------------------
@@ -139,28 +141,38 @@ def submit_site_weights(source: str, sites: list[Site]) -> dict[Site, ray.Object
 class Collector:
     """Holds one model and sums statistics over the shards it is given.
 
-    `collect` is a pure function of its shard (no state carries over between calls), so when
-    the actor dies Ray restarts it and re-runs the call, and the result is still exact."""
+    Every call is a pure function of its arguments (no state carries over between calls), so
+    when the actor dies Ray restarts it and re-runs the call, and the result is still exact."""
 
     def __init__(self, source: str, threads: float):
-        _threads(threads)
+        set_threads(threads)
         self.adapter, _ = _load(source)
         self.adapter.model.to(_device())
 
-    def collect(self, shard_ds, batch_size: int, counter=None) -> tuple:
-        start = time.perf_counter()
+    def _batches(self, shard_ds, batch_size: int, counter):
         device = _device()
+        for batch in iter_torch_batches(shard_ds, batch_size):
+            yield {k: v.to(device) for k, v in batch.items()}
+            if counter is not None:
+                counter.add.remote(1, os.getpid())
 
-        def batches():
-            for batch in iter_torch_batches(shard_ds, batch_size):
-                yield {k: v.to(device) for k, v in batch.items()}
-                if counter is not None:
-                    counter.add.remote(1, os.getpid())
-
-        fit, held = collect_split(self.adapter, batches())
+    def collect(self, shard_ds, batch_size: int, counter=None) -> tuple:
+        """(fit, heldout) input statistics per site, for the scoring methods."""
+        start = time.perf_counter()
+        fit, held = collect_split(self.adapter, self._batches(shard_ds, batch_size, counter))
         seconds = time.perf_counter() - start
         pairs = tuple(Timed((fit.sites[s], held.sites[s]), seconds) for s in fit.sites)
         return pairs if len(pairs) > 1 else pairs[0]
+
+    def curvature(self, shard_ds, batch_size: int, state: SurgeonState, sites: list[Site], seed: int, counter=None) -> tuple:
+        """LLM Surgeon's (fit A, held-out A, G) per site of the model as pruned so far by `state`:
+        one value per site in `sites` (None where the site has lost every unit), then the seconds."""
+        start = time.perf_counter()
+        current = surgeon_model(self.adapter, state)
+        curvature = collect_curvature(current, self._batches(shard_ds, batch_size, counter), seed)
+        seconds = time.perf_counter() - start
+        values = [(curvature.fit[s], curvature.heldout[s], curvature.grads[s]) if s in curvature.fit.sites else None for s in sites]
+        return tuple(Timed(v, seconds) for v in values) + (Timed(None, seconds),)
 
 
 @ray.remote(num_cpus=0)
@@ -186,8 +198,10 @@ class Counter:
 
 @ray.remote(num_cpus=1)
 def add_pair(a: Timed, b: Timed) -> Timed:
-    (fit_a, held_a), (fit_b, held_b) = a.value, b.value
-    return Timed((fit_a + fit_b, held_a + held_b), max(a.seconds, b.seconds))
+    """Two shards' statistics of one site, added field by field (None: the site has no units)."""
+    if a.value is None:
+        return Timed(None, max(a.seconds, b.seconds))
+    return Timed(tuple(x + y for x, y in zip(a.value, b.value)), max(a.seconds, b.seconds))
 
 
 def reduce_tree(refs: list[ray.ObjectRef]) -> ray.ObjectRef:
@@ -199,32 +213,42 @@ def reduce_tree(refs: list[ray.ObjectRef]) -> ray.ObjectRef:
     return refs[0]
 
 
-def collector_resources(workers: int) -> tuple[dict, int]:
+def collector_resources(workers: int, long_lived: bool = False) -> tuple[dict, int]:
     """(Ray resources, torch threads) of one collection actor.
 
     One GPU per actor where the cluster has GPUs. On CPUs an actor asks Ray for one CPU but runs
     an equal share of a node's cores as torch threads: asking for the whole share would make it
-    wait until every small task (reference, weights) has left the node."""
+    wait until every small task (reference, weights) has left the node. A long-lived actor (it
+    serves every shot of LLM Surgeon) asks for no CPU at all: between shots it waits for tasks
+    that need the CPU it would otherwise hold."""
     if gpus_available():
-        return {"num_gpus": 1, "num_cpus": 1}, 1
+        return {"num_gpus": 1, "num_cpus": 0 if long_lived else 1}, 1
     per_node = max(n.get("Resources", {}).get("CPU", 1) for n in ray.nodes() if n.get("Alive"))
-    return {"num_cpus": 1}, max(1, int(per_node // workers))
+    return {"num_cpus": 0 if long_lived else 1}, max(1, int(per_node // workers))
 
 
-def submit_collection(source: str, data, sites: list[Site], workers: int, batch_size: int, counter=None) -> tuple[dict[Site, ray.ObjectRef], int]:
-    """Start `workers` actors on disjoint shards. Returns one reduced (fit, heldout) ref per site
-    and the number of batches the actors will report to `counter`.
+def start_collectors(source: str, workers: int, long_lived: bool = False) -> list:
+    """`workers` actors holding the model. Ray ends each once its handle is dropped and its
+    calls have finished."""
+    resources, threads = collector_resources(workers, long_lived)
+    return [Collector.options(**resources).remote(source, threads) for _ in range(workers)]
 
-    The actor handles are dropped here: Ray ends each actor once its call has finished."""
-    resources, threads = collector_resources(workers)
-    shards = shard(data, workers)
-    batches = sum(-(-part.count() // batch_size) for part in shards)
+
+def shard_batches(shards: list, batch_size: int) -> int:
+    """Batches that a pass of the actors over `shards` reports to the counter."""
+    return sum(-(-part.count() // batch_size) for part in shards)
+
+
+def submit_collection(source: str, data, sites: list[Site], workers: int, batch_size: int, counter=None, actors: list | None = None) -> tuple[dict[Site, ray.ObjectRef], int]:
+    """Collect on disjoint shards, one per actor (started here unless given). Returns one reduced
+    (fit, heldout) ref per site and the number of batches the actors will report to `counter`."""
+    actors = actors or start_collectors(source, workers)
+    shards = shard(data, len(actors))
     partials = []
-    for part in shards:
-        actor = Collector.options(**resources).remote(source, threads)
+    for actor, part in zip(actors, shards):
         call = actor.collect.options(num_returns=len(sites)).remote(part, batch_size, counter)
-        partials.append(_returns(call, len(sites)))
-    return {site: reduce_tree([p[j] for p in partials]) for j, site in enumerate(sites)}, batches
+        partials.append(ref_list(call, len(sites)))
+    return {site: reduce_tree([p[j] for p in partials]) for j, site in enumerate(sites)}, shard_batches(shards, batch_size)
 
 
 # ---- score, search, reconstruct ------------------------------------------------------------
@@ -232,7 +256,7 @@ def submit_collection(source: str, data, sites: list[Site], workers: int, batch_
 
 @ray.remote(num_cpus=1)
 def score_site(method: str, weights: UnitWeights, pair: Timed, seed: int, site: Site) -> Timed:
-    _threads(1)
+    set_threads(1)
     start = time.perf_counter()
     fit, held = pair.value
     scores = get_method(method)(weights, fit + held, site_generator(seed, site))
@@ -249,7 +273,7 @@ def search(allocation: str, budget: float, seq_len: float, geometries: list[Bloc
 @ray.remote(num_cpus=1)
 def reconstruct_site(mode: str, masks: Timed, site: Site, weights: UnitWeights, pair: Timed) -> Timed:
     """New weights for one site, or None where the masks keep every unit of it."""
-    _threads(1)
+    set_threads(1)
     start = time.perf_counter()
     keep = masks.value.keep[site]
     result = None
@@ -264,7 +288,7 @@ def reconstruct_site(mode: str, masks: Timed, site: Site, weights: UnitWeights, 
 
 @ray.remote(num_cpus=1)
 def reference(source: str, eval_data, batch_size: int, task: str) -> QualityReference:
-    _threads(1)
+    set_threads(1)
     adapter, _ = _load(source)
     batches = [{k: v for k, v in b.items() if k != "heldout"} for b in iter_torch_batches(eval_data, batch_size)]
     labels = None
@@ -288,9 +312,10 @@ def _pack(folder: Path) -> dict[str, bytes]:
 
 
 @ray.remote(num_cpus=1)
-def evaluate_unit(spec: EvalSpec, ref: QualityReference, masks: Timed, *recs: Timed) -> dict:
-    """Cut a copy of the model, measure it against the dense one, pack the saved model's files."""
-    _threads(1)
+def evaluate_unit(spec: EvalSpec, ref: QualityReference, masks: Timed, *recs: Timed, timings: dict | None = None) -> dict:
+    """Cut a copy of the model, measure it against the dense one, pack the saved model's files.
+    `timings` (seconds of stages that ran before, e.g. LLM Surgeon's shots) replace the defaults."""
+    set_threads(1)
     start = time.perf_counter()
     dense, tokenizer = _load(spec.source)
     pruned = adapter_for(copy.deepcopy(dense.model))
@@ -304,5 +329,6 @@ def evaluate_unit(spec: EvalSpec, ref: QualityReference, masks: Timed, *recs: Ti
             record = spec.record | {"metrics": metrics, "sizes": pruned.sizes(), "masks": masks.value.to_json()}
             save_pruned(pruned.model, folder, tokenizer, record)
             files = _pack(Path(folder))
-    timings = {"search_s": masks.seconds, "reconstruct_s": sum(r.seconds for r in recs), "evaluate_s": time.perf_counter() - start}
+    timings = {"search_s": masks.seconds, "reconstruct_s": sum(r.seconds for r in recs)} | (timings or {})
+    timings["evaluate_s"] = time.perf_counter() - start
     return {"metrics": metrics, "timings": timings, "masks": masks.value.to_json(), "sizes": pruned.sizes(), "files": files}

@@ -153,9 +153,10 @@ def surgeon_shot(
     dense_geoms: list,
     target: float,
     seq_len: float,
-) -> tuple[surgeon.SurgeonState, dict[str, float]]:
+    collect_s: float = 0.0,
+) -> surgeon.SurgeonState:
     """One shot on collected curvature: costs, global masks to `target`, joint updates per layer."""
-    timings = {}
+    timings = {"collect_s": collect_s}
     start = time.perf_counter()
     current = {site: state.site_weights(site, dense_weights[site]) for site in state.sites()}
     costs = {site: surgeon.unit_costs(w, curvature[site]) for site, w in current.items()}
@@ -166,7 +167,7 @@ def surgeon_shot(
     start = time.perf_counter()
     updates = {site: surgeon.surgeon_update(current[site], mask, curvature[site]) for site, mask in local.keep.items() if not bool(mask.all())}
     timings["reconstruct_s"] = time.perf_counter() - start
-    return state.advance(local, updates), timings
+    return state.advance(local, updates, timings)
 
 
 def plan_llm_surgeon(
@@ -184,13 +185,9 @@ def plan_llm_surgeon(
     state = surgeon.SurgeonState.dense(dense_geoms)
     dense_weights = {site: adapter.unit_weights(*site) for site in state.kept}
     marked = mark_heldout(batches)
-    timings = {"collect_s": 0.0, "score_s": 0.0, "search_s": 0.0, "reconstruct_s": 0.0}
     for target in surgeon.shot_targets(check_budget(budget), shots):
         start = time.perf_counter()
         curvature = collect_curvature(surgeon_model(adapter, state), marked, seed, on_batch)
-        timings["collect_s"] += time.perf_counter() - start
-        state, shot_timings = surgeon_shot(state, curvature, dense_weights, dense_geoms, target, seq_len)
-        for key, seconds in shot_timings.items():
-            timings[key] += seconds
+        state = surgeon_shot(state, curvature, dense_weights, dense_geoms, target, seq_len, time.perf_counter() - start)
     masks = state.masks(dense_geoms)
-    return PruneResult(masks, state.weights, budget, masks.kept_fraction(dense_geoms, seq_len), timings)
+    return PruneResult(masks, state.weights, budget, masks.kept_fraction(dense_geoms, seq_len), state.timings)

@@ -44,8 +44,8 @@ class GramStats:
         """Accumulate a (tokens x width) block of inputs."""
         x32 = x.detach().to(torch.float32)
         self.n += x32.shape[0]
-        self.gram += (x32.T @ x32).to(torch.float64)
-        self.total += x32.sum(0, dtype=torch.float64)
+        self.gram += (x32.T @ x32).to(self.gram.device, torch.float64)  # accumulators stay on the CPU
+        self.total += x32.sum(0, dtype=torch.float64).to(self.total.device)
 
     def __add__(self, other: GramStats) -> GramStats:
         return GramStats(self.n + other.n, self.gram + other.gram, self.total + other.total)

@@ -16,11 +16,12 @@ from pathlib import Path
 import ray
 
 from . import __version__
-from . import farm
+from . import farm, surgeon_farm
 from .campaign import Campaign, ModelEntry, Unit
 from .errors import UserError
+from .methods import SURGEON
 from .progress import StageProgress
-from .ray_data import check_source, fingerprint_and_length, read_dataset, select_examples, tokenize_rows
+from .ray_data import check_source, fingerprint_and_length, read_dataset, select_examples, shard, tokenize_rows
 from .report import print_table, write_summary
 from .single import LATENCY_SEQ_LEN, staged_output
 from .stats import ModelStats, load_stats, save_stats, stats_fingerprint
@@ -47,7 +48,11 @@ class ModelWork:
     collect_s: float | None = None
     sites: dict = field(default_factory=dict)  # site -> ref of (fit, heldout) statistics
     scores: dict = field(default_factory=dict)  # method -> [refs per site]
+    actors: list = field(default_factory=list)  # collectors kept for LLM Surgeon's shots
     failed: str | None = None
+
+    def units_of(self, surgeon: bool) -> list[Unit]:
+        return [u for u in self.units if (u.method == SURGEON) == surgeon]
 
 
 @dataclass
@@ -86,35 +91,56 @@ class Sweep:
         data_fp, work.mean_seq_len = fingerprint_and_length(calib, self.c.batch_size)
         work.stats_fp = stats_fingerprint(work.info.fingerprint, data_fp, seq_len, self.c.samples)
         work.stats_path = self.c.stats_dir() / f"{work.stats_fp}.safetensors"
+        work.tokens = round(work.mean_seq_len * calib.count())
+        if work.units_of(surgeon=True):  # its actors serve every shot, so they outlive one collection
+            work.actors = farm.start_collectors(source, self.c.workers, long_lived=True)
+        if work.units_of(surgeon=False):
+            self._statistics(work, calib)
+        self.submit_units(work, calib, evaluation)
+
+    def _statistics(self, work: ModelWork, calib) -> None:
+        """Input statistics for the scoring methods: from the cache, or collected on the actors."""
         sites = work.info.sites
         if work.stats_path.exists():
             parts = load_stats(work.stats_path, work.stats_fp)
             work.sites = {s: ray.put(farm.Timed((parts["fit"][s], parts["heldout"][s]), 0.0)) for s in sites}
             work.stats_reused, work.collect_s = True, 0.0
             work.tokens = parts["fit"].tokens + parts["heldout"].tokens
-        else:
-            work.collect_start = time.perf_counter()
-            work.sites, batches = farm.submit_collection(source, calib, sites, self.c.workers, self.c.batch_size, self.counter)
-            self.progress.add("collect", batches)
-            self.collecting.append(work)
-        self.submit_units(work, evaluation)
+            return
+        work.collect_start = time.perf_counter()
+        work.sites, batches = farm.submit_collection(work.entry.source, calib, sites, self.c.workers, self.c.batch_size, self.counter, work.actors or None)
+        self.progress.add("collect", batches)
+        self.collecting.append(work)
 
-    def submit_units(self, work: ModelWork, evaluation) -> None:
+    def submit_units(self, work: ModelWork, calib, evaluation) -> None:
         info, c = work.info, self.c
         weights = farm.submit_site_weights(work.entry.source, info.sites)
         ref = farm.reference.remote(work.entry.source, evaluation, c.batch_size, work.entry.task)
-        for method in dict.fromkeys(u.method for u in work.units):
+        scored = work.units_of(surgeon=False)
+        for method in dict.fromkeys(u.method for u in scored):
             work.scores[method] = [farm.score_site.remote(method, weights[s], work.sites[s], c.seed, s) for s in info.sites]
             self._track("score", work.scores[method])
-        for unit in work.units:
+        for unit in scored:
             masks = farm.search.remote(c.allocation, unit.budget, work.mean_seq_len, info.geometries, info.sites, *work.scores[unit.method])
             recs = [farm.reconstruct_site.remote(c.reconstruction, masks, s, weights[s], work.sites[s]) for s in info.sites]
             self._track("search", [masks])
             self._track("reconstruct", recs)
-            spec = farm.EvalSpec(work.entry.source, info.sites, self._latency_seq_len(info), c.latency_repeats, c.save_models, self._record(unit, work))
-            result = farm.evaluate_unit.remote(spec, ref, masks, *recs)
-            self._track("evaluate", [result])
-            self.in_flight[result] = (unit, work)
+            self._submit_evaluation(unit, work, ref, masks, recs)
+        surgeons = work.units_of(surgeon=True)
+        if surgeons:
+            plan = surgeon_farm.ShotPlan(work.actors, shard(calib, len(work.actors)), info.sites, info.geometries, weights,
+                                         work.mean_seq_len, c.batch_size, c.seed, self.counter)
+            chains, batches = surgeon_farm.submit_chains(plan, [u.budget for u in surgeons], c.shots, self._track)
+            self.progress.add("collect", batches)
+            for unit, chain in zip(surgeons, chains):
+                masks, timings, recs = chain.outputs
+                self._submit_evaluation(unit, work, ref, masks, recs, timings)
+
+    def _submit_evaluation(self, unit: Unit, work: ModelWork, ref, masks, recs: list, timings=None) -> None:
+        spec = farm.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), self.c.latency_repeats, self.c.save_models, self._record(unit, work))
+        result = farm.evaluate_unit.remote(spec, ref, masks, *recs, timings=timings)
+        self._track("evaluate", [result])
+        self.in_flight[result] = (unit, work)
 
     def _track(self, stage: str, refs: list) -> None:
         self.stage_refs[stage].extend(refs)
@@ -127,10 +153,10 @@ class Sweep:
     def _options(self, unit: Unit) -> dict:
         c = self.c
         return {
-            "budget": unit.budget, "method": unit.method, "reconstruction": c.reconstruction, "allocation": c.allocation,
+            "budget": unit.budget, "method": unit.method, "reconstruction": c.reconstruction_of(unit.method), "allocation": c.allocation,
             "samples": c.samples, "eval_samples": c.eval_samples, "seq_len": c.seq_len_of(unit.entry),
             "batch_size": c.batch_size, "seed": c.seed, "latency_repeats": c.latency_repeats,
-        }
+        } | c.method_options(unit.method)
 
     def _record(self, unit: Unit, work: ModelWork) -> dict:
         """gfprune.json of a saved model: what `gfprune-ray eval` needs to re-measure it."""
@@ -161,6 +187,8 @@ class Sweep:
         for ref in done:
             unit, work = self.in_flight.pop(ref)
             self._finish_unit(unit, work, ref)
+            if work.actors and not any(w is work for _, w in self.in_flight.values()):
+                work.actors = []  # the model is done: let Ray end its actors
 
     def _cache_statistics(self, work: ModelWork) -> None:
         work.collect_s = time.perf_counter() - work.collect_start
@@ -190,7 +218,7 @@ class Sweep:
             self.failures.append(f"{unit.label}: {error}")
             return
         params["quality_metric"] = result["metrics"].get("quality_metric", "")
-        metrics = result["metrics"] | result["timings"] | self._model_metrics(work, unit.method)
+        metrics = result["metrics"] | self._model_metrics(work, unit.method) | result["timings"]
         folder = self._write_model(unit, result["files"]) if result["files"] else None
         run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, metrics)
         self.tracker.log_json(run_id, result["masks"], "masks.json")
@@ -206,6 +234,8 @@ class Sweep:
     def _model_metrics(self, work: ModelWork, method: str) -> dict:
         """Statistics metrics plus the summed seconds of this method's scoring tasks."""
         out = self._statistics_metrics(work)
+        if method not in work.scores:  # llm-surgeon shares no statistics: its shots' timings come with the unit
+            return {k: out[k] for k in ("calibration_tokens", "mean_seq_len")}
         try:
             out["score_s"] = sum(t.seconds for t in ray.get(work.scores[method]))
         except ray.exceptions.RayError:

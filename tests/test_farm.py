@@ -14,13 +14,15 @@ import ray
 import torch
 from conftest import make_tokenizer, save_tiny, sentences
 
-from gfprune_ray import farm, load_pruned
+from gfprune_ray import farm, load_pruned, surgeon_farm
 from gfprune_ray.campaign import load_campaign
+from gfprune_ray.curvature import collect_curvature
 from gfprune_ray.data import Examples, batches_fingerprint, heldout_flags, mean_tokens_per_sequence, read_examples, split_examples
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
-from gfprune_ray.pipeline import calibrate
-from gfprune_ray.ray_data import fingerprint_and_length, read_dataset, select_examples, tokenize_rows
+from gfprune_ray.methods.surgeon import SurgeonState
+from gfprune_ray.pipeline import calibrate, mark_heldout, surgeon_model, surgeon_shot
+from gfprune_ray.ray_data import fingerprint_and_length, read_dataset, select_examples, shard, tokenize_rows
 from gfprune_ray.single import PruneOptions, prepare_batches, prune_model
 from gfprune_ray.sweep import run_sweep
 from gfprune_ray.tracking import Tracker
@@ -108,6 +110,34 @@ def test_two_actors_give_the_single_process_statistics(local_ray, ws, family):
     _assert_exact(dict(zip(sites, ray.get(list(sites.values())))), single)
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_two_actors_give_the_single_process_curvature(local_ray, ws, family):
+    """LLM Surgeon's A and G from 2 actors equal the single process's, on the dense model and on
+    a partly pruned one that the actors rebuild from the state."""
+    source = getattr(ws, family)
+    _, batches = _single_process(source, ws.data, 60, 16, 8)
+    calib, _ = _farm_data(source, ws.data, 60, 16, 8)
+    model, _ = load_model(str(source))
+    adapter = adapter_for(model)
+    geoms = adapter.geometries()
+    dense = SurgeonState.dense(geoms)
+    weights = {site: adapter.unit_weights(*site) for site in dense.kept}
+    single_dense = collect_curvature(adapter, mark_heldout(batches), seed=0)
+    pruned = surgeon_shot(dense, single_dense, weights, geoms, 0.6, mean_tokens_per_sequence(batches))
+    info = ray.get(farm.describe.remote(str(source)))
+    actors = farm.start_collectors(str(source), 2, long_lived=True)
+    plan = surgeon_farm.ShotPlan(actors, shard(calib, 2), info.sites, info.geometries, {}, 10.0, 8, 0)
+    for state in (dense, pruned):
+        want = collect_curvature(surgeon_model(adapter, state), mark_heldout(batches), seed=0)
+        curvature, _ = surgeon_farm.submit_curvature(plan, ray.put(state))
+        got = dict(zip(curvature, ray.get(list(curvature.values()))))
+        assert {s for s, t in got.items() if t.value is not None} == set(want.sites)
+        for site in want.sites:
+            for farm_stats, single_stats in zip(got[site].value, (want.fit[site], want.heldout[site], want.grads[site])):
+                assert int(farm_stats.n) == int(single_stats.n) > 0
+                assert _rel(farm_stats.gram, single_stats.gram) < 1e-6, (site, _rel(farm_stats.gram, single_stats.gram))
+
+
 def test_a_killed_collection_actor_is_restarted_and_statistics_stay_exact(local_ray, ws):
     data = ws.root / "long.txt"
     data.write_text("\n".join(sentences(700, seed=3)) + "\n")
@@ -138,11 +168,11 @@ def swept(local_ray, ws):
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}')  # no weights
     models = ws.root / "models.txt"
-    models.write_text(f"{ws.bert}\n{broken}\n{ws.gpt2} budgets=0.7 method=magnitude\n")
+    models.write_text(f"{ws.bert}\n{broken}\n{ws.gpt2} budgets=0.7 method=magnitude,llm-surgeon\n")
     campaign = load_campaign(
         models=models, budgets=[0.8, 0.5], methods=["gfp", "magnitude"], data=str(ws.data), samples=40, eval_samples=20,
         seq_len=16, batch_size=8, workers=2, out=ws.root / "out", experiment="farm-test", latency_repeats=1,
-        tracking_uri=f"sqlite:///{ws.root / 'mlflow.db'}", cache_dir=ws.root / "cache",
+        tracking_uri=f"sqlite:///{ws.root / 'mlflow.db'}", cache_dir=ws.root / "cache", shots=2,
     )
     start = time.perf_counter()
     result = run_sweep(campaign)
@@ -152,7 +182,8 @@ def swept(local_ray, ws):
 def test_sweep_finishes_every_unit_of_the_good_models_and_reports_the_broken_one(swept):
     campaign, result, _ = swept
     finished = sorted((r["model"], r["method"], float(r["budget"])) for r in result.records if r["status"] == "FINISHED")
-    assert finished == [("bert", "gfp", 0.5), ("bert", "gfp", 0.8), ("bert", "magnitude", 0.5), ("bert", "magnitude", 0.8), ("gpt2", "magnitude", 0.7)]
+    assert finished == [("bert", "gfp", 0.5), ("bert", "gfp", 0.8), ("bert", "magnitude", 0.5), ("bert", "magnitude", 0.8),
+                        ("gpt2", "llm-surgeon", 0.7), ("gpt2", "magnitude", 0.7)]
     assert len(result.failures) == 1 and result.failures[0].startswith("broken: "), result.failures
     failed = [r for r in result.records if r["status"] == "FAILED"]
     assert {r["model"] for r in failed} == {"broken"} and all(r["error"] for r in failed)
@@ -198,6 +229,22 @@ def test_sweep_results_equal_the_single_process_prune(swept, ws, tmp_path):
     saved = load_pruned(campaign.out / "bert" / "gfp-0.5")
     single = load_pruned(tmp_path / "single")
     assert [list(s) for s in adapter_for(saved).sizes()] == [list(s) for s in adapter_for(single).sizes()]
+
+
+def test_sweep_llm_surgeon_equals_the_single_process_prune(swept, ws, tmp_path):
+    """Two shots as farm rounds (2 actors, per-site tasks) give the single process's model."""
+    campaign, result, _ = swept
+    (record,) = [r for r in result.records if r["model"] == "gpt2" and r["method"] == "llm-surgeon"]
+    opts = PruneOptions(budget=0.7, method="llm-surgeon", samples=40, eval_samples=20, seq_len=16, batch_size=8, latency_repeats=1, shots=2)
+    report = prune_model(str(ws.gpt2), str(ws.data), opts, tmp_path / "single")
+    assert float(record["relative_quality"]) == pytest.approx(report["metrics"]["relative_quality"], abs=1e-5)
+    assert float(record["kept_prunable_macs"]) == pytest.approx(report["metrics"]["kept_prunable_macs"]) <= 0.7
+    assert float(record["shots"]) == 2
+    saved = load_pruned(campaign.out / "gpt2" / "llm-surgeon-0.7")
+    assert [list(s) for s in adapter_for(saved).sizes()] == report["sizes"]
+    tracker = Tracker(campaign.tracking_uri, campaign.experiment)
+    (run,) = tracker.client.search_runs([tracker.experiment_id], "tags.gfprune_kind = 'unit' and params.method = 'llm-surgeon'")
+    assert run.data.params["shots"] == "2" and run.data.params["reconstruction"] == "correlated"
 
 
 def test_rerun_skips_finished_units_and_reuses_statistics(swept):

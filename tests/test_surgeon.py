@@ -92,7 +92,7 @@ def test_one_shot_with_identity_g_is_the_full_reconstruction(family):
     geoms = adapter.geometries()
     state = surgeon.SurgeonState.dense(geoms)
     dense_weights = {site: adapter.unit_weights(*site) for site in state.kept}
-    state, _ = surgeon_shot(state, curvature, dense_weights, geoms, 0.6, 10.0)
+    state = surgeon_shot(state, curvature, dense_weights, geoms, 0.6, 10.0)
     assert state.weights, "the shot removed nothing"
     for site, rec in state.weights.items():
         w = dense_weights[site]
@@ -155,7 +155,7 @@ def test_state_rebuilds_the_model_pruned_shot_by_shot():
     for target in surgeon.shot_targets(0.5, 3):
         curvature = collect_curvature(stepwise, batches)
         before = copy.deepcopy(state)
-        state, _ = surgeon_shot(state, curvature, dense_weights, geoms, target, 10.0)
+        state = surgeon_shot(state, curvature, dense_weights, geoms, target, 10.0)
         new_weights = {s: r for s, r in state.weights.items() if before.weights.get(s) is not r}
         apply_pruning(stepwise, Masks(_local_masks(before, state)), new_weights)
     rebuilt = surgeon_model(adapter, state)

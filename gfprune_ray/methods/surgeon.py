@@ -129,6 +129,7 @@ class SurgeonState:
     kept: dict[Site, torch.Tensor]
     weights: dict[Site, Reconstruction] = field(default_factory=dict)
     shots_done: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over shots
 
     @classmethod
     def dense(cls, geoms: list[BlockGeometry]) -> SurgeonState:
@@ -167,10 +168,12 @@ class SurgeonState:
         ins = [w.reshape(dense.units, -1, w.shape[-1])[kept].reshape(-1, w.shape[-1]) for w in dense.ins]
         return UnitWeights(out=out, bias=bias, ins=ins, width=dense.width)
 
-    def advance(self, local: Masks, updates: dict[Site, Reconstruction]) -> SurgeonState:
-        """The state after a shot that kept `local` (masks over the current units) with `updates`."""
+    def advance(self, local: Masks, updates: dict[Site, Reconstruction], timings: dict[str, float]) -> SurgeonState:
+        """The state after a shot that kept `local` (masks over the current units) with `updates`;
+        the shot's `timings` are added to the running totals."""
         kept = {site: (idx[local.keep[site]] if site in local.keep else idx) for site, idx in self.kept.items()}
-        return SurgeonState(kept, self.weights | updates, self.shots_done + 1)
+        totals = {k: self.timings.get(k, 0.0) + timings.get(k, 0.0) for k in self.timings.keys() | timings.keys()}
+        return SurgeonState(kept, self.weights | updates, self.shots_done + 1, totals)
 
 
 def shot_masks(costs: dict[Site, torch.Tensor], state: SurgeonState, dense_geoms: list[BlockGeometry], target: float, seq_len: float) -> Masks:
