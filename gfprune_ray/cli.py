@@ -125,7 +125,7 @@ def sweep(
     ),
     config: Path | None = typer.Option(None, "--config", "-c", help="Campaign YAML (same keys as these options, with underscores); options given here override it."),
     budgets: str | None = typer.Option(None, "--budgets", "-b", help="Fractions of prunable MACs to keep, comma-separated, each in (0, 1].", show_default="0.9,0.8,0.7,0.6"),
-    methods: str | None = typer.Option(None, "--methods", help="Scoring methods, comma-separated: gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random.", show_default="gfp"),
+    methods: str | None = typer.Option(None, "--methods", help="Methods, comma-separated: gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random, llm-surgeon.", show_default="gfp"),
     data: str | None = typer.Option(None, "--data", "-d", help=DATA_HELP + " A datasets.save_to_disk folder works too.", show_default="pydoc"),
     samples: int | None = typer.Option(None, help="Calibration examples (every 5th is held out to tune reconstruction).", show_default="256"),
     eval_samples: int | None = typer.Option(None, help="Evaluation examples, disjoint from calibration.", show_default="256"),
@@ -142,6 +142,7 @@ def sweep(
     save_models: bool | None = typer.Option(None, "--save-models/--no-save-models", help="Write pruned models (to OUT and as MLflow artifacts).", show_default="save"),
     cache_dir: Path | None = typer.Option(None, help="Statistics cache, reused by later campaigns (default: GFPRUNE_RAY_CACHE or ~/.cache/gfprune-ray)."),
     latency_repeats: int | None = typer.Option(None, help="Timed forward passes per latency measurement.", show_default="5"),
+    shots: int | None = typer.Option(None, help="llm-surgeon: shots per budget, each a farm round on the partly pruned model.", show_default="5"),
 ) -> None:
     """Prune many models at many MACs budgets on Ray; record every result in MLflow.
 
@@ -156,7 +157,7 @@ def sweep(
         "eval_samples": eval_samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
         "reconstruction": reconstruct, "allocation": allocation, "workers": workers, "out": out, "experiment": experiment,
         "address": address, "tracking_uri": tracking_uri, "save_models": save_models, "cache_dir": cache_dir,
-        "latency_repeats": latency_repeats,
+        "latency_repeats": latency_repeats, "shots": shots,
     }
     campaign = _run(lambda: load_campaign(config, models, **options))
     result = _run(lambda: run_sweep(campaign))

@@ -2,6 +2,7 @@
 
     describe (task)          load the model once: fingerprint, geometry, per-site weights
     Collector (actors)       each holds the model and sums statistics over one shard of the text
+                             (or LLM Surgeon's curvature: see surgeon_farm.py)
     add_pair (tasks)         a tree of additions reduces the shards' statistics, per site
     score_site (tasks)       one per (model, method, site)
     search (task)            one per (model, method, budget): masks under the MACs budget
@@ -219,12 +220,14 @@ def collector_resources(workers: int, long_lived: bool = False) -> tuple[dict, i
     One GPU per actor where the cluster has GPUs. On CPUs an actor asks Ray for one CPU but runs
     an equal share of a node's cores as torch threads: asking for the whole share would make it
     wait until every small task (reference, weights) has left the node. A long-lived actor (it
-    serves every shot of LLM Surgeon) asks for no CPU at all: between shots it waits for tasks
-    that need the CPU it would otherwise hold."""
+    serves every shot of LLM Surgeon) asks for no CPU at all, since between shots it waits for
+    tasks that need the CPU it would otherwise hold; it then shares the cores with those tasks,
+    so it leaves one core of its share to them (oversubscribed torch threads stall each other)."""
     if gpus_available():
         return {"num_gpus": 1, "num_cpus": 0 if long_lived else 1}, 1
     per_node = max(n.get("Resources", {}).get("CPU", 1) for n in ray.nodes() if n.get("Alive"))
-    return {"num_cpus": 0 if long_lived else 1}, max(1, int(per_node // workers))
+    share = int(per_node // workers)
+    return {"num_cpus": 0 if long_lived else 1}, max(1, share - 1 if long_lived else share)
 
 
 def start_collectors(source: str, workers: int, long_lived: bool = False) -> list:
@@ -241,9 +244,12 @@ def shard_batches(shards: list, batch_size: int) -> int:
 
 def submit_collection(source: str, data, sites: list[Site], workers: int, batch_size: int, counter=None, actors: list | None = None) -> tuple[dict[Site, ray.ObjectRef], int]:
     """Collect on disjoint shards, one per actor (started here unless given). Returns one reduced
-    (fit, heldout) ref per site and the number of batches the actors will report to `counter`."""
-    actors = actors or start_collectors(source, workers)
-    shards = shard(data, len(actors))
+    (fit, heldout) ref per site and the number of batches the actors will report to `counter`.
+
+    Sharding runs Ray Data tasks, so it comes before the actors start: on a small machine actors
+    holding every CPU would leave those tasks waiting forever."""
+    shards = shard(data, len(actors) if actors else workers)
+    actors = actors or start_collectors(source, len(shards))
     partials = []
     for actor, part in zip(actors, shards):
         call = actor.collect.options(num_returns=len(sites)).remote(part, batch_size, counter)

@@ -92,11 +92,13 @@ class Sweep:
         work.stats_fp = stats_fingerprint(work.info.fingerprint, data_fp, seq_len, self.c.samples)
         work.stats_path = self.c.stats_dir() / f"{work.stats_fp}.safetensors"
         work.tokens = round(work.mean_seq_len * calib.count())
+        shards = None
         if work.units_of(surgeon=True):  # its actors serve every shot, so they outlive one collection
-            work.actors = farm.start_collectors(source, self.c.workers, long_lived=True)
+            shards = shard(calib, self.c.workers)  # Ray Data tasks: before any actor takes a CPU
+            work.actors = farm.start_collectors(source, len(shards), long_lived=True)
         if work.units_of(surgeon=False):
             self._statistics(work, calib)
-        self.submit_units(work, calib, evaluation)
+        self.submit_units(work, evaluation, shards)
 
     def _statistics(self, work: ModelWork, calib) -> None:
         """Input statistics for the scoring methods: from the cache, or collected on the actors."""
@@ -112,7 +114,7 @@ class Sweep:
         self.progress.add("collect", batches)
         self.collecting.append(work)
 
-    def submit_units(self, work: ModelWork, calib, evaluation) -> None:
+    def submit_units(self, work: ModelWork, evaluation, shards: list | None = None) -> None:
         info, c = work.info, self.c
         weights = farm.submit_site_weights(work.entry.source, info.sites)
         ref = farm.reference.remote(work.entry.source, evaluation, c.batch_size, work.entry.task)
@@ -128,7 +130,7 @@ class Sweep:
             self._submit_evaluation(unit, work, ref, masks, recs)
         surgeons = work.units_of(surgeon=True)
         if surgeons:
-            plan = surgeon_farm.ShotPlan(work.actors, shard(calib, len(work.actors)), info.sites, info.geometries, weights,
+            plan = surgeon_farm.ShotPlan(work.actors, shards, info.sites, info.geometries, weights,
                                          work.mean_seq_len, c.batch_size, c.seed, self.counter)
             chains, batches = surgeon_farm.submit_chains(plan, [u.budget for u in surgeons], c.shots, self._track)
             self.progress.add("collect", batches)

@@ -14,6 +14,10 @@ import transformers as T
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray workers of the farm tests share the cores with this process. Multi-threaded torch then
+# stalls on its many tiny products (each parallel region waits for a descheduled thread): a test
+# that takes seconds alone took over 5 minutes next to a busy process. One thread is plenty here.
+torch.set_num_threads(1)
 
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, max_position_embeddings=64)

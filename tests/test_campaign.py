@@ -107,6 +107,17 @@ def test_unit_keys_are_deterministic_and_follow_what_changes_results(folder):
     assert len({u.key for u in units}) == len(units)
 
 
+def test_shots_key_only_llm_surgeon_units_and_reconstruction_does_not(folder):
+    (folder / "models.txt").write_text("a-model method=gfp,llm-surgeon\n")
+    keys = lambda **options: {u.method: u.key for u in load_campaign(models=folder / "models.txt", budgets=[0.6], **options).units()}
+    base = keys()
+    assert keys(shots=3)["gfp"] == base["gfp"] and keys(shots=3)["llm-surgeon"] != base["llm-surgeon"]
+    assert keys(reconstruction="scale")["llm-surgeon"] == base["llm-surgeon"], "llm-surgeon writes its own weights"
+    assert keys(reconstruction="scale")["gfp"] != base["gfp"]
+    with pytest.raises(UserError, match="shots"):
+        load_campaign(models=folder / "models.txt", shots=0)
+
+
 def test_repeated_model_names_get_distinct_output_names(folder):
     (folder / "models.txt").write_text("org/model seq-len=32\norg/model seq-len=64\n")
     campaign = load_campaign(models=folder / "models.txt", budgets=[0.5])

@@ -137,7 +137,7 @@ def test_eval_writes_eval_json(ws):
     [
         (["--help"], ["prune", "eval", "Prune MODEL to a MACs budget", "Measure a pruned model"]),
         (["prune", "--help"], ["model", "--out", "--data", "--budget", "--method", "--reconstruct", "--allocation",
-                               "--samples", "--eval-samples", "--seq-len", "--batch-size", "--seed", "--stats", "--force",
+                               "--samples", "--eval-samples", "--seq-len", "--batch-size", "--seed", "--stats", "--force", "--shots", "llm-surgeon",
                                "Fraction of the prunable MACs to keep", "full, scale or none", "gfp, gfp-r2", "pydoc"]),
         (["eval", "--help"], ["path", "--data", "--dense", "--eval-samples", "--samples", "--seq-len", "--seed",
                               "A folder written by", "Dense model to compare with"]),
@@ -174,6 +174,8 @@ BAD = {
     "unknown-method": (lambda ws, t: ["--method", "astrology"], None, lambda ws, t: ["method", "astrology"]),
     "unknown-reconstruction": (lambda ws, t: ["--reconstruct", "guess"], None, lambda ws, t: ["reconstruction", "guess"]),
     "foreign-stats": (lambda ws, t: ["--stats", ws.stats], lambda ws, t: ws.model_b, lambda ws, t: [ws.stats.name, "fingerprint"]),
+    "surgeon-shots-0": (lambda ws, t: ["--method", "llm-surgeon", "--shots", "0"], None, lambda ws, t: ["shots", "0"]),
+    "surgeon-with-stats": (lambda ws, t: ["--method", "llm-surgeon", "--stats", t / "s.safetensors"], None, lambda ws, t: ["--stats", "llm-surgeon"]),
     "jsonl-without-text": (lambda ws, t: ["--data", _write(t / "records.jsonl", '{"content": "w1 w2 w3"}\n{"content": "w4"}\n')], None,
                            lambda ws, t: ["records.jsonl", "text"]),
 }

@@ -125,8 +125,8 @@ def test_two_actors_give_the_single_process_curvature(local_ray, ws, family):
     single_dense = collect_curvature(adapter, mark_heldout(batches), seed=0)
     pruned = surgeon_shot(dense, single_dense, weights, geoms, 0.6, mean_tokens_per_sequence(batches))
     info = ray.get(farm.describe.remote(str(source)))
-    actors = farm.start_collectors(str(source), 2, long_lived=True)
-    plan = surgeon_farm.ShotPlan(actors, shard(calib, 2), info.sites, info.geometries, {}, 10.0, 8, 0)
+    shards = shard(calib, 2)  # Ray Data tasks: before the actors start
+    plan = surgeon_farm.ShotPlan(farm.start_collectors(str(source), 2, long_lived=True), shards, info.sites, info.geometries, {}, 10.0, 8, 0)
     for state in (dense, pruned):
         want = collect_curvature(surgeon_model(adapter, state), mark_heldout(batches), seed=0)
         curvature, _ = surgeon_farm.submit_curvature(plan, ray.put(state))
@@ -238,7 +238,8 @@ def test_sweep_llm_surgeon_equals_the_single_process_prune(swept, ws, tmp_path):
     opts = PruneOptions(budget=0.7, method="llm-surgeon", samples=40, eval_samples=20, seq_len=16, batch_size=8, latency_repeats=1, shots=2)
     report = prune_model(str(ws.gpt2), str(ws.data), opts, tmp_path / "single")
     assert float(record["relative_quality"]) == pytest.approx(report["metrics"]["relative_quality"], abs=1e-5)
-    assert float(record["kept_prunable_macs"]) == pytest.approx(report["metrics"]["kept_prunable_macs"]) <= 0.7
+    assert float(record["kept_prunable_macs"]) == pytest.approx(report["metrics"]["kept_prunable_macs"])
+    assert report["metrics"]["kept_prunable_macs"] <= 0.7 + 1e-9
     assert float(record["shots"]) == 2
     saved = load_pruned(campaign.out / "gpt2" / "llm-surgeon-0.7")
     assert [list(s) for s in adapter_for(saved).sizes()] == report["sizes"]
