@@ -78,25 +78,28 @@ def _draw(probs: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
 
 def sampled_loss(outputs, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> torch.Tensor:
     """Negative log-likelihood of targets sampled from the model's own predictive distribution,
-    summed over non-padding tokens (see the module docstring)."""
+    summed over non-padding tokens (see the module docstring).
+
+    Targets are drawn per example, but the loss is one expression over the whole batch: a loss
+    per example would make the backward pass fill a batch-sized zero gradient for each of them."""
     logits = getattr(outputs, "logits", None)
     mask = attention_mask.bool()
-    total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
-    for row in range(len(input_ids)):
-        rng = example_generator(input_ids[row][mask[row]], seed)
-        if logits is not None and logits.dim() == 2:  # one prediction per sequence
-            own = logits[row].float()
-            target = _draw(own.softmax(-1)[None], rng).flatten()
-            total = total + torch.nn.functional.cross_entropy(own[None], target, reduction="sum")
-        elif logits is not None:  # one prediction per token
-            own = logits[row][mask[row]].float()
-            target = _draw(own.softmax(-1), rng).flatten()
-            total = total + torch.nn.functional.cross_entropy(own, target, reduction="sum")
-        else:  # Gaussian around the last hidden state: the loss's gradient at h is -eps
-            hidden = outputs.last_hidden_state[row][mask[row]].float()
-            eps = torch.randn(hidden.shape, generator=rng).to(hidden.device)
-            total = total - (eps * hidden).sum()
-    return total
+    counts = mask.sum(1).tolist()
+    rngs = [example_generator(ids[keep], seed) for ids, keep in zip(input_ids, mask)]
+    if logits is not None and logits.dim() == 2:  # one prediction per sequence
+        own = logits.float()
+        probs = own.detach().softmax(-1)
+        target = torch.cat([_draw(probs[row : row + 1], rng) for row, rng in enumerate(rngs)]).flatten()
+        return torch.nn.functional.cross_entropy(own, target, reduction="sum")
+    if logits is not None:  # one prediction per token; boolean indexing keeps rows in order
+        own = logits[mask].float()
+        probs = own.detach().softmax(-1)
+        target = torch.cat([_draw(p, rng) for p, rng in zip(probs.split(counts), rngs)]).flatten()
+        return torch.nn.functional.cross_entropy(own, target, reduction="sum")
+    # Gaussian around the last hidden state: the loss's gradient at h is -eps
+    hidden = outputs.last_hidden_state[mask].float()
+    eps = torch.cat([torch.randn((n, hidden.shape[-1]), generator=rng) for n, rng in zip(counts, rngs)])
+    return -(eps.to(hidden.device) * hidden).sum()
 
 
 def record_output_gradients(adapter: Adapter, grads: ModelStats, routing: BatchRouting) -> list:
