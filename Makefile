@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 # A real sweep on the bundled example: the packaged all-MiniLM-L6-v2, the bundled pydoc text,
-# budgets 0.9 to 0.5, gfp and two baselines, on embedded Ray with a local MLflow store (mlflow.db).
+# budgets 0.9 to 0.5, gfp, two baselines and llm-surgeon (5 shots), on embedded Ray with a local MLflow store (mlflow.db).
 demo: $(STAMP)
 	$(BIN)/gfprune-ray sweep --models examples/models.txt --data pydoc --budgets 0.9,0.8,0.7,0.6,0.5 \
 		--methods gfp,fluctuation,magnitude,llm-surgeon --experiment demo --out runs/demo
