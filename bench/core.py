@@ -92,7 +92,7 @@ def run_surgeon(ctx: dict, budget: float, shots: int, args) -> dict:
     result, plan_s = timed(plan_llm_surgeon, ctx["adapter"], ctx["calib_batches"], budget, calibration.seq_len, shots)
     row = dict(method="llm-surgeon", budget=budget, reconstruction=f"T={shots}", allocation="global", shots=shots)
     row |= measured(ctx, result.masks, result.weights, args, with_latency=True)
-    row |= {k: v for k, v in result.timings.items()} | {"plan_s": plan_s}
+    row |= result.timings | {"plan_s": plan_s}
     row["prune_s"] = plan_s + row["surgery_s"]
     row["prune_over_forward"] = row["prune_s"] / ctx["forward_s"]
     return row

@@ -139,10 +139,12 @@ def plan(
 
 
 def surgeon_model(adapter: Adapter, state: surgeon.SurgeonState) -> Adapter:
-    """A copy of the dense model cut and updated as far as `state` has come."""
+    """The model cut and updated as far as `state` has come: before the first shot the dense model
+    itself (collecting curvature leaves a model as it was), after it a cut copy."""
+    if not state.shots_done:
+        return adapter
     current = adapter_for(copy.deepcopy(adapter.model))
-    if state.shots_done:
-        apply_pruning(current, state.masks(adapter.geometries()), state.weights)
+    apply_pruning(current, state.masks(adapter.geometries()), state.weights)
     return current
 
 

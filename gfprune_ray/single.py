@@ -147,8 +147,8 @@ def measure(dense_adapter, pruned_adapter, reference: QualityReference, opts: Pr
 
 def _plan(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | None, timings: dict):
     """The pruning plan of `opts.method` and what to record about its calibration."""
-    seq_len = mean_tokens_per_sequence(batches)
     if opts.method == SURGEON:
+        seq_len = mean_tokens_per_sequence(batches)
         if stats_path is not None:
             raise UserError("--stats does not apply to llm-surgeon: it collects curvature on the partly pruned model in every shot")
         with bar("curvature", len(batches) * opts.shots) as step:

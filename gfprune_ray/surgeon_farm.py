@@ -31,17 +31,13 @@ from .models import BlockGeometry, UnitWeights
 from .search import Site
 
 
-def _site_curvature(value: tuple) -> SiteCurvature:
-    return SiteCurvature(*value)
-
-
 @ray.remote(num_cpus=1)
 def site_costs(weights: UnitWeights, state: SurgeonState, curvature: Timed, site: Site) -> Timed:
     set_threads(1)
     start = time.perf_counter()
     if curvature.value is None:  # the site has no units left
         return Timed(None, 0.0)
-    costs = surgeon.unit_costs(state.site_weights(site, weights), _site_curvature(curvature.value))
+    costs = surgeon.unit_costs(state.site_weights(site, weights), SiteCurvature(*curvature.value))
     return Timed(costs, time.perf_counter() - start)
 
 
@@ -60,7 +56,7 @@ def site_update(weights: UnitWeights, state: SurgeonState, masks: Timed, curvatu
     keep = masks.value.keep.get(site)
     if keep is None or bool(keep.all()):
         return Timed(None, 0.0)
-    update = surgeon.surgeon_update(state.site_weights(site, weights), keep, _site_curvature(curvature.value))
+    update = surgeon.surgeon_update(state.site_weights(site, weights), keep, SiteCurvature(*curvature.value))
     return Timed(update, time.perf_counter() - start)
 
 

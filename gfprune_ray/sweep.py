@@ -236,7 +236,7 @@ class Sweep:
     def _model_metrics(self, work: ModelWork, method: str) -> dict:
         """Statistics metrics plus the summed seconds of this method's scoring tasks."""
         out = self._statistics_metrics(work)
-        if method not in work.scores:  # llm-surgeon shares no statistics: its shots' timings come with the unit
+        if method == SURGEON:  # it shares no statistics: its shots' timings come with the unit
             return {k: out[k] for k in ("calibration_tokens", "mean_seq_len")}
         try:
             out["score_s"] = sum(t.seconds for t in ray.get(work.scores[method]))
