@@ -21,13 +21,15 @@ from pathlib import Path
 
 import torch
 
-from gfprune_ray.data import mean_tokens_per_sequence, read_examples
+from gfprune_ray.data import mean_tokens_per_sequence, read_examples, split_examples, tokenize
 from gfprune_ray.evaluate import QualityReference, efficiency
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
 from gfprune_ray.pipeline import calibrate, plan_llm_surgeon, reconstruct_sites, score_sites, search_masks
+from gfprune_ray.methods.trained import STEPS_CPU, finish, kept_fraction, student_for
 from gfprune_ray.single import PruneOptions, prepare_batches
 from gfprune_ray.surgery import apply_pruning
+from gfprune_ray.training import GatedTraining, Schedule, run_training
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -41,6 +43,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ablations", default="gfp-r2,gfp-d2", help="extra methods run with full reconstruction only")
     p.add_argument("--reconstructions", default="full,none")
     p.add_argument("--surgeon-shots", default="1,5", help="llm-surgeon runs, one per shot count (empty: none)")
+    p.add_argument("--surgeon-budgets", default=None, help="budgets of the llm-surgeon runs (default: --budgets)")
+    p.add_argument("--trained", default="cofi,flop", help="training-based methods (empty: none)")
+    p.add_argument("--trained-budgets", default=None, help="budgets of the training runs (default: --budgets)")
+    p.add_argument("--steps", type=int, default=STEPS_CPU, help="training steps of cofi and flop")
+    p.add_argument("--train-batch-size", type=int, default=16, help="sequences per training step")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=128)
@@ -70,8 +77,9 @@ def prepare(source: str, args) -> dict:
     _, forward_s = timed(plain_forward, model, calib_batches)
     calibration, collect_s = timed(calibrate, adapter, calib_batches, mean_tokens_per_sequence(calib_batches))
     reference = QualityReference(model, adapter, eval_batches, labels)
+    calib_texts = split_examples(read_examples(args.data), opts.samples, opts.eval_samples, opts.seed)[0].texts
     return dict(model=model, adapter=adapter, calibration=calibration, reference=reference, calib_batches=calib_batches,
-                forward_s=forward_s, collect_s=collect_s, tokens=calibration.total.tokens)
+                forward_s=forward_s, collect_s=collect_s, tokens=calibration.total.tokens, tokenizer=tokenizer, calib_texts=calib_texts)
 
 
 def measured(ctx: dict, masks, weights, args, with_latency: bool) -> dict:
@@ -95,6 +103,29 @@ def run_surgeon(ctx: dict, budget: float, shots: int, args) -> dict:
     row |= result.timings | {"plan_s": plan_s}
     row["prune_s"] = plan_s + row["surgery_s"]
     row["prune_over_forward"] = row["prune_s"] / ctx["forward_s"]
+    return row
+
+
+def run_trained(ctx: dict, method: str, budget: float, args) -> dict:
+    """cofi or flop from the dense model: its prune time is the whole training plus the cut. Run in
+    this process (the loop a Ray Train worker runs, without the trainer's ~20 s of start-up)."""
+    adapter = adapter_for(copy.deepcopy(ctx["model"]))
+    dense_geoms = adapter.geometries()
+    seq_len = ctx["calibration"].seq_len
+    batches = tokenize(ctx["tokenizer"], ctx["calib_texts"], args.seq_len, args.train_batch_size)
+    start = time.perf_counter()
+    training = GatedTraining(student_for(method, adapter, seq_len), Schedule(steps=args.steps, budget=budget))
+    run_training(training, batches)
+    finish(training.student, budget)
+    prune_s = time.perf_counter() - start
+    row = dict(method=method, budget=budget, reconstruction=f"steps={args.steps}", allocation="global", steps=args.steps)
+    row |= ctx["reference"].measure(adapter.model)
+    row |= efficiency(ctx["adapter"], adapter, args.seq_len, (1, 32), args.latency_repeats)
+    last = training.curve[-1]
+    row |= {"kept_prunable_macs": kept_fraction(adapter, dense_geoms, seq_len), "trimmed": training.student.trimmed,
+            "final_expected_kept": last["expected_kept"], "final_task_loss": last["task_loss"],
+            "first_task_loss": training.curve[0]["task_loss"], "train_s": prune_s, "prune_s": prune_s,
+            "prune_over_forward": prune_s / ctx["forward_s"], "curve": [{k: r[k] for k in ("step", "task_loss", "expected_kept", "target")} for r in training.curve]}
     return row
 
 
@@ -125,11 +156,18 @@ def bench_model(source: str, args) -> dict:
                 row["prune_over_forward"] = row["prune_s"] / ctx["forward_s"]
                 runs.append(row)
                 print(f"   {method:12s} {reconstruction:5s} {allocation:7s} b={budget:.1f} quality={row['relative_quality']:.4f}", file=sys.stderr)
+    surgeon_budgets = [float(b) for b in (args.surgeon_budgets or args.budgets).split(",")]
     for shots in (int(t) for t in filter(None, args.surgeon_shots.split(","))):
-        for budget in budgets:
+        for budget in surgeon_budgets:
             row = run_surgeon(ctx, budget, shots, args)
             runs.append(row)
             print(f"   llm-surgeon  T={shots:<3d} b={budget:.1f} quality={row['relative_quality']:.4f} prune {row['prune_s']:.0f} s", file=sys.stderr)
+    for method in filter(None, args.trained.split(",")):
+        for budget in (float(b) for b in (args.trained_budgets or args.budgets).split(",")):
+            row = run_trained(ctx, method, budget, args)
+            runs.append(row)
+            print(f"   {method:12s} steps={args.steps} b={budget:.1f} quality={row['relative_quality']:.4f} kept {row['kept_prunable_macs']:.3f} "
+                  f"(trimmed {row['trimmed']}) train {row['train_s']:.0f} s", file=sys.stderr)
     return dict(model=source, calibration_tokens=ctx["tokens"], forward_s=ctx["forward_s"], collect_s=ctx["collect_s"],
                 score_s=score_times, dense_quality=ctx["reference"].dense_value, runs=runs)
 
@@ -155,7 +193,24 @@ def targets(result: dict) -> dict:
         "prune_cost_target_1.5x_met": all(r["prune_over_forward"] <= 1.5 for r in gfp_full),
         "min_speedup_b32_vs_ideal": min((r["speedup_b32_vs_ideal"] for r in gfp_full), default=None),
         "latency_target_0.9_met": all(r["speedup_b32_vs_ideal"] >= 0.9 for r in gfp_full),
-    } | surgeon_targets(main)
+    } | surgeon_targets(main) | trained_targets(main)
+
+
+def trained_targets(main: list[dict]) -> dict:
+    """Issue 6: where cofi and flop gain over gfp and llm-surgeon, and at what wall time."""
+    out = {}
+    rivals = [r for r in main if r["method"] in ("gfp", "llm-surgeon") and r["reconstruction"] in ("full", "T=5")]
+    for method in ("cofi", "flop"):
+        for r in (r for r in main if r["method"] == method):
+            same = [x for x in rivals if abs(x["budget"] - r["budget"]) < 1e-9]
+            if same:
+                best = max(same, key=lambda x: x["relative_quality"])
+                gfp = [x for x in same if x["method"] == "gfp"]
+                out[f"{method}_{r['budget']}_minus_best_rival"] = r["relative_quality"] - best["relative_quality"]
+                out[f"{method}_{r['budget']}_best_rival"] = f"{best['method']}/{best['reconstruction']}"
+                if gfp:
+                    out[f"{method}_{r['budget']}_prune_over_gfp"] = r["prune_s"] / gfp[0]["prune_s"]
+    return out
 
 
 def surgeon_targets(main: list[dict]) -> dict:

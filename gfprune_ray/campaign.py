@@ -21,8 +21,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .errors import UserError
 from .loading import PACKAGED_PREFIX, looks_like_path
-from .methods import METHOD_NAMES, SURGEON
+from .methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
 from .methods.surgeon import SHOTS
+from .methods.trained import CHECKPOINT_EVERY, STEPS_CPU
 from .reconstruct import MODES
 from .search import SEARCHES
 
@@ -90,14 +91,21 @@ class Campaign(BaseModel):
     tracking_uri: str | None = None
     latency_repeats: Positive = 5
     shots: Positive = SHOTS  # llm-surgeon: shots to reach each budget
+    steps: Positive = STEPS_CPU  # cofi, flop: training steps per unit
+    checkpoint_every: Positive = CHECKPOINT_EVERY  # cofi, flop: steps between checkpoints
 
     def reconstruction_of(self, method: str) -> str:
-        """llm-surgeon writes its own weights (correlated updates); the others use `reconstruction`."""
-        return "correlated" if method == SURGEON else self.reconstruction
+        """llm-surgeon writes its own weights (correlated updates), cofi and flop train theirs; the
+        others use `reconstruction`."""
+        if method == SURGEON:
+            return "correlated"
+        return "trained" if method in TRAINED_METHODS else self.reconstruction
 
     def method_options(self, method: str) -> dict:
         """Options that change only this method's results."""
-        return {"shots": self.shots} if method == SURGEON else {}
+        if method == SURGEON:
+            return {"shots": self.shots}
+        return {"steps": self.steps} if method in TRAINED_METHODS else {}
 
     def names(self) -> list[str]:
         """One distinct name per model entry (a repeated name gets -2, -3, ...)."""

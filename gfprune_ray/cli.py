@@ -22,6 +22,14 @@ app = typer.Typer(
 )
 
 DATA_HELP = "Text file (one example per line), JSONL or Parquet with a 'text' column, a folder of those, 'pydoc' for the bundled English corpus, or a hub dataset name."
+METHOD_HELP = (
+    "gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random (unit scores), llm-surgeon (curvature, correlated updates, "
+    "several shots), cofi or flop (gates trained with the weights on Ray Train); the last three ignore --reconstruct."
+)
+STEPS_CPU = 200  # = methods.trained.STEPS_CPU; kept literal so that --help does not import torch
+STEPS_HELP = "cofi, flop: training steps of the gates and weights. 200 suits a small model on a CPU (minutes); on GPUs use about 10000 (the papers train for epochs)."
+CHECKPOINT_EVERY = 50  # = methods.trained.CHECKPOINT_EVERY
+CHECKPOINT_HELP = "cofi, flop: training steps between checkpoints; a killed run resumes from the last one when the same command runs again."
 MODEL_HELP = "Local model folder, hub id, or pkg:all-minilm-l6-v2 for the packaged MiniLM."
 
 
@@ -61,7 +69,7 @@ def prune(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the pruned model (must not exist, or be empty)."),
     data: str = typer.Option("pydoc", "--data", "-d", help=DATA_HELP),
     budget: float = typer.Option(0.6, "--budget", "-b", help="Fraction of the prunable MACs to keep, in (0, 1]."),
-    method: str = typer.Option("gfp", help="gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random (unit scores), or llm-surgeon (curvature, correlated updates, several shots; ignores --reconstruct)."),
+    method: str = typer.Option("gfp", help=METHOD_HELP),
     reconstruct: str = typer.Option("full", help="New weights for kept units: full, scale or none."),
     allocation: str = typer.Option("global", help="global: rank units across layers; uniform: same ratio in every layer."),
     samples: int = typer.Option(256, help="Calibration examples (every 5th is held out to tune reconstruction)."),
@@ -72,12 +80,14 @@ def prune(
     stats: Path | None = typer.Option(None, help="Statistics file: reused when it exists (refused if it belongs to another model or data), written otherwise."),
     latency_repeats: int = typer.Option(5, help="Timed forward passes per latency measurement (the median is reported)."),
     shots: int = typer.Option(5, help="llm-surgeon: shots to reach the budget, each with curvature collected again on the partly pruned model."),
+    steps: int = typer.Option(STEPS_CPU, help=STEPS_HELP),
+    checkpoint_every: int = typer.Option(CHECKPOINT_EVERY, help=CHECKPOINT_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ) -> None:
     """Prune MODEL to a MACs budget with unlabeled text, save it to OUT and report its quality and speed."""
     from .single import PruneOptions, prune_model
 
-    opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shots)
+    opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shots, steps, checkpoint_every)
     report = _run(lambda: prune_model(model, data, opts, out, stats, force))
     _print_report(f"{model} @ budget {budget} ({method}, {reconstruct})", report["metrics"], report["timings"])
     typer.echo(f"saved to {out} (load with gfprune_ray.load_pruned({str(out)!r}))")
@@ -125,7 +135,7 @@ def sweep(
     ),
     config: Path | None = typer.Option(None, "--config", "-c", help="Campaign YAML (same keys as these options, with underscores); options given here override it."),
     budgets: str | None = typer.Option(None, "--budgets", "-b", help="Fractions of prunable MACs to keep, comma-separated, each in (0, 1].", show_default="0.9,0.8,0.7,0.6"),
-    methods: str | None = typer.Option(None, "--methods", help="Methods, comma-separated: gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random, llm-surgeon.", show_default="gfp"),
+    methods: str | None = typer.Option(None, "--methods", help="Methods, comma-separated: gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random, llm-surgeon, cofi, flop.", show_default="gfp"),
     data: str | None = typer.Option(None, "--data", "-d", help=DATA_HELP + " A datasets.save_to_disk folder works too.", show_default="pydoc"),
     samples: int | None = typer.Option(None, help="Calibration examples (every 5th is held out to tune reconstruction).", show_default="256"),
     eval_samples: int | None = typer.Option(None, help="Evaluation examples, disjoint from calibration.", show_default="256"),
@@ -143,6 +153,8 @@ def sweep(
     cache_dir: Path | None = typer.Option(None, help="Statistics cache, reused by later campaigns (default: GFPRUNE_RAY_CACHE or ~/.cache/gfprune-ray)."),
     latency_repeats: int | None = typer.Option(None, help="Timed forward passes per latency measurement.", show_default="5"),
     shots: int | None = typer.Option(None, help="llm-surgeon: shots per budget, each a farm round on the partly pruned model.", show_default="5"),
+    steps: int | None = typer.Option(None, help=STEPS_HELP, show_default=str(STEPS_CPU)),
+    checkpoint_every: int | None = typer.Option(None, help=CHECKPOINT_HELP, show_default=str(CHECKPOINT_EVERY)),
 ) -> None:
     """Prune many models at many MACs budgets on Ray; record every result in MLflow.
 
@@ -157,7 +169,8 @@ def sweep(
         "eval_samples": eval_samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
         "reconstruction": reconstruct, "allocation": allocation, "workers": workers, "out": out, "experiment": experiment,
         "address": address, "tracking_uri": tracking_uri, "save_models": save_models, "cache_dir": cache_dir,
-        "latency_repeats": latency_repeats, "shots": shots,
+        "latency_repeats": latency_repeats, "shots": shots, "steps": steps,
+        "checkpoint_every": checkpoint_every,
     }
     campaign = _run(lambda: load_campaign(config, models, **options))
     result = _run(lambda: run_sweep(campaign))

@@ -327,14 +327,20 @@ def evaluate_unit(spec: EvalSpec, ref: QualityReference, masks: Timed, *recs: Ti
     pruned = adapter_for(copy.deepcopy(dense.model))
     weights = {site: r.value for site, r in zip(spec.sites, recs) if r.value is not None}
     apply_pruning(pruned, masks.value, weights)
-    metrics = ref.measure(pruned.model) | efficiency(dense, pruned, seq_len=spec.latency_seq_len, repeats=spec.latency_repeats)
-    metrics["kept_prunable_macs"] = masks.value.kept_fraction(dense.geometries(), spec.record["mean_seq_len"])
+    kept = masks.value.kept_fraction(dense.geometries(), spec.record["mean_seq_len"])
+    result = measure_and_pack(spec, ref, dense, pruned, tokenizer, masks.value.to_json(), {"kept_prunable_macs": kept})
+    timings = {"search_s": masks.seconds, "reconstruct_s": sum(r.seconds for r in recs)} | (timings or {})
+    timings["evaluate_s"] = time.perf_counter() - start
+    return result | {"timings": timings}
+
+
+def measure_and_pack(spec: EvalSpec, ref: QualityReference, dense, pruned, tokenizer, masks_json: dict, extra: dict) -> dict:
+    """Quality and efficiency of a cut model next to the dense one, and the saved model's files."""
+    metrics = ref.measure(pruned.model) | efficiency(dense, pruned, seq_len=spec.latency_seq_len, repeats=spec.latency_repeats) | extra
     files = None
     if spec.save:
         with tempfile.TemporaryDirectory() as folder:
-            record = spec.record | {"metrics": metrics, "sizes": pruned.sizes(), "masks": masks.value.to_json()}
+            record = spec.record | {"metrics": metrics, "sizes": pruned.sizes(), "masks": masks_json}
             save_pruned(pruned.model, folder, tokenizer, record)
             files = _pack(Path(folder))
-    timings = {"search_s": masks.seconds, "reconstruct_s": sum(r.seconds for r in recs)} | (timings or {})
-    timings["evaluate_s"] = time.perf_counter() - start
-    return {"metrics": metrics, "timings": timings, "masks": masks.value.to_json(), "sizes": pruned.sizes(), "files": files}
+    return {"metrics": metrics, "masks": masks_json, "sizes": pruned.sizes(), "files": files}

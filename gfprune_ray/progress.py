@@ -30,7 +30,7 @@ def table(title: str, rows: list[tuple[str, str]]) -> None:
     Console().print(t)
 
 
-STAGES = ("collect", "score", "search", "reconstruct", "evaluate")
+STAGES = ("collect", "score", "search", "reconstruct", "train", "evaluate")
 
 
 class StageProgress:

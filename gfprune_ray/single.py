@@ -8,6 +8,7 @@ renamed at the end, so a failed run never leaves a half-written model behind.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -23,8 +24,9 @@ from .errors import UserError
 from .evaluate import QualityReference, efficiency
 from .flops import check_budget
 from .loading import load_model
-from .methods import METHOD_NAMES, SURGEON
+from .methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
 from .methods.surgeon import SHOTS
+from .methods.trained import CHECKPOINT_EVERY, STEPS_CPU
 from .models import adapter_for
 from .pipeline import Calibration, calibrate, plan, plan_llm_surgeon
 from .progress import bar
@@ -47,6 +49,8 @@ class PruneOptions:
     seed: int = 0
     latency_repeats: int = 5
     shots: int = SHOTS  # llm-surgeon only
+    steps: int = STEPS_CPU  # cofi and flop only: training steps
+    checkpoint_every: int = CHECKPOINT_EVERY  # cofi and flop only: steps between checkpoints
 
     def validate(self) -> PruneOptions:
         try:
@@ -60,7 +64,7 @@ class PruneOptions:
         ):
             if value not in allowed:
                 raise UserError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
-        for name in ("samples", "eval_samples", "seq_len", "batch_size", "shots"):
+        for name in ("samples", "eval_samples", "seq_len", "batch_size", "shots", "steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         return self
@@ -165,6 +169,44 @@ def _plan(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | N
     return result, record
 
 
+def _train(source: str, batches: list[dict], opts: PruneOptions, out: Path, timings: dict):
+    """CoFi or FLOP under Ray Train (embedded local Ray unless RAY_ADDRESS names a cluster).
+    Checkpoints go beside `out`, so a killed run resumes when the same command runs again; they are
+    removed once the model is saved. Returns (cut model, summary, calibration record)."""
+    import ray
+
+    from . import farm
+    from .train_ray import TrainJob, fit, read_outcome
+    from .training import Schedule
+
+    seq_len = mean_tokens_per_sequence(batches)
+    options = {k: v for k, v in asdict(opts).items() if k not in ("checkpoint_every", "latency_repeats", "eval_samples")}
+    settings = {"source": source, "options": options, "batches": batches_fingerprint(batches)}
+    name = f"{opts.method}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
+    storage = Path(out).absolute().parent / f".{Path(out).name}.train"
+    schedule = Schedule(steps=opts.steps, budget=opts.budget, seed=opts.seed, checkpoint_every=opts.checkpoint_every)
+    job = TrainJob(source, opts.method, schedule, batches, seq_len, name, str(storage), threads=os.cpu_count() or 1)
+    started = not ray.is_initialized()
+    farm.connect()
+    try:
+        start = time.perf_counter()
+        with bar("train", 1) as step:
+            folder = fit(job, cpus_per_worker=ray.cluster_resources().get("CPU", 1))
+            step()
+        timings["train_s"] = time.perf_counter() - start
+        model, outcome = read_outcome(folder)
+    finally:
+        if started:
+            ray.shutdown()
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    record = {"stats_fingerprint": None, "stats_reused": False, "calibration_tokens": tokens, "mean_seq_len": seq_len}
+    curve = outcome["curve"]
+    summary = {"kept_prunable_macs": outcome["kept_prunable_macs"], "trimmed": outcome["trimmed"], "train_steps": len(curve),
+               "final_loss": curve[-1]["task_loss"] if curve else None, "final_expected_kept": curve[-1]["expected_kept"] if curve else None}
+    return model, summary, record, outcome, storage
+
+
+
 def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_path: Path | None = None, force: bool = False) -> dict:
     """Prune one model to one budget and save it to `out`; returns the report (also in gfprune.json)."""
     opts.validate()
@@ -175,13 +217,22 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
         adapter = supported_adapter(model, source)
         check_seq_len(adapter, opts.seq_len)
         calib_batches, eval_batches, labels = prepare_batches(tokenizer, examples, opts)
-        result, calibration_record = _plan(adapter, calib_batches, opts, stats_path, timings)
-        dense = adapter_for(copy.deepcopy(model))
+        if opts.method in TRAINED_METHODS:
+            if stats_path is not None:
+                raise UserError(f"--stats does not apply to {opts.method}: it trains gates instead of collecting statistics")
+            dense = adapter
+            model, summary, calibration_record, outcome, storage = _train(source, calib_batches, opts, out, timings)
+            adapter = adapter_for(model)
+            masks_json, curve = outcome["masks"], outcome["curve"]
+        else:
+            result, calibration_record = _plan(adapter, calib_batches, opts, stats_path, timings)
+            dense = adapter_for(copy.deepcopy(model))
+            start = time.perf_counter()
+            apply_pruning(adapter, result.masks, result.weights)
+            timings["surgery_s"] = time.perf_counter() - start
+            summary, masks_json, curve, storage = result.summary(), result.masks.to_json(), None, None
         with bar("reference", len(eval_batches)) as step:
             reference = QualityReference(dense.model, dense, eval_batches, labels, on_batch=step)
-        start = time.perf_counter()
-        apply_pruning(adapter, result.masks, result.weights)
-        timings["surgery_s"] = time.perf_counter() - start
         start = time.perf_counter()
         metrics = measure(dense, adapter, reference, opts)
         timings["evaluate_s"] = time.perf_counter() - start
@@ -191,12 +242,16 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
             "data": data,
             "options": asdict(opts),
             **calibration_record,
-            "metrics": metrics | result.summary(),
+            "metrics": metrics | summary,
             "timings": timings,
             "sizes": adapter.sizes(),
-            "masks": result.masks.to_json(),
+            "masks": masks_json,
         }
+        if curve is not None:
+            report["curve"] = curve
         save_pruned(model, staging, tokenizer, report)
+    if storage is not None:
+        shutil.rmtree(storage, ignore_errors=True)  # the model is saved: the checkpoints are done with
     return report
 
 

@@ -1,8 +1,9 @@
 """Physical removal of units, saving a pruned model, and loading it back with one call.
 
 transformers 5 configs have no per-layer head or FFN sizes, so a pruned model's config carries
-`gfprune_sizes` ([attention units, FFN neurons] per layer) and `load_pruned` builds the ordinary
-transformers class, narrows its layers to those sizes and loads the weights.
+`gfprune_sizes` ([attention units, FFN neurons] per layer), and, where FLOP factorized weight
+matrices, `gfprune_factorized` (module path: rank). `load_pruned` builds the ordinary transformers
+class, narrows its layers to those sizes, swaps in the factorized layers and loads the weights.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .models import KINDS, Adapter, adapter_for
+from .models.base import set_path
 from .models import layers as L
 from .reconstruct import Reconstruction
 from .search import Masks
 
 SIZES_KEY = "gfprune_sizes"
+FACTORIZED_KEY = "gfprune_factorized"
 RECORD_FILE = "gfprune.json"
 
 
@@ -73,10 +76,25 @@ def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, record: d
     """Write weights (safetensors), config with per-layer sizes, tokenizer and gfprune.json."""
     out_dir = Path(out_dir)
     model.config.__setattr__(SIZES_KEY, adapter_for(model).sizes())
+    ranks = factorized_ranks(model)
+    if ranks:
+        model.config.__setattr__(FACTORIZED_KEY, ranks)
     model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     (out_dir / RECORD_FILE).write_text(json.dumps(record or {}, indent=2, default=str) + "\n")
+
+
+def factorized_ranks(model: nn.Module) -> dict[str, int]:
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, L.FactorizedLinear)}
+
+
+def refactorize(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Swap each named linear layer for an (uninitialised) factorized one of the given rank."""
+    for path, rank in ranks.items():
+        module = model.get_submodule(path)
+        n_out, n_in = L.shape_of(module)
+        set_path(model, path, L.FactorizedLinear(n_in, rank, n_out, bias=module.bias is not None))
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -112,6 +130,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module
     model = model_class(config)
     if sizes is not None:
         adapter_for(model).resize(sizes)
+    refactorize(model, getattr(config, FACTORIZED_KEY, None) or {})
     dtype = dtype or _saved_dtype(config)
     if dtype is not None:
         model = model.to(dtype)  # before loading, so bf16 weights are not upcast

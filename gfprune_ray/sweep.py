@@ -9,6 +9,7 @@ of methods and budgets, and are cached on disk for later campaigns.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +17,18 @@ from pathlib import Path
 import ray
 
 from . import __version__
-from . import farm, surgeon_farm
+from . import farm, surgeon_farm, train_farm
 from .campaign import Campaign, ModelEntry, Unit
 from .errors import UserError
-from .methods import SURGEON
+from .methods import SURGEON, TRAINED_METHODS
 from .progress import StageProgress
-from .ray_data import check_source, fingerprint_and_length, read_dataset, select_examples, shard, tokenize_rows
+from .ray_data import check_source, fingerprint_and_length, iter_torch_batches, read_dataset, select_examples, shard, tokenize_rows
 from .report import print_table, write_summary
 from .single import LATENCY_SEQ_LEN, staged_output
 from .stats import ModelStats, load_stats, save_stats, stats_fingerprint
 from .tracking import Tracker, package_versions
+from .train_ray import TrainJob
+from .training import Schedule
 
 POLL_S = 0.25
 
@@ -49,10 +52,18 @@ class ModelWork:
     sites: dict = field(default_factory=dict)  # site -> ref of (fit, heldout) statistics
     scores: dict = field(default_factory=dict)  # method -> [refs per site]
     actors: list = field(default_factory=list)  # collectors kept for LLM Surgeon's shots
+    train_batches: list = field(default_factory=list)  # calibration batches for cofi and flop
     failed: str | None = None
 
-    def units_of(self, surgeon: bool) -> list[Unit]:
-        return [u for u in self.units if (u.method == SURGEON) == surgeon]
+    def units_of(self, kind: str) -> list[Unit]:
+        """The units of one kind of method: scored (statistics, scores, search), surgeon, trained."""
+        return [u for u in self.units if method_kind(u.method) == kind]
+
+
+def method_kind(method: str) -> str:
+    if method == SURGEON:
+        return "surgeon"
+    return "trained" if method in TRAINED_METHODS else "scored"
 
 
 @dataclass
@@ -73,7 +84,7 @@ class Sweep:
     def __init__(self, campaign: Campaign, tracker: Tracker, progress: StageProgress):
         self.c, self.tracker, self.progress = campaign, tracker, progress
         self.in_flight: dict[ray.ObjectRef, tuple[Unit, ModelWork]] = {}
-        self.stage_refs: dict[str, list] = {s: [] for s in ("score", "search", "reconstruct", "evaluate")}
+        self.stage_refs: dict[str, list] = {s: [] for s in ("score", "search", "reconstruct", "train", "evaluate")}
         self.collecting: list[ModelWork] = []
         self.counter = None
         self.failures: list[str] = []
@@ -93,10 +104,12 @@ class Sweep:
         work.stats_path = self.c.stats_dir() / f"{work.stats_fp}.safetensors"
         work.tokens = round(work.mean_seq_len * calib.count())
         shards = None
-        if work.units_of(surgeon=True):  # its actors serve every shot, so they outlive one collection
+        if work.units_of("surgeon"):  # its actors serve every shot, so they outlive one collection
             shards = shard(calib, self.c.workers)  # Ray Data tasks: before any actor takes a CPU
             work.actors = farm.start_collectors(source, len(shards), long_lived=True)
-        if work.units_of(surgeon=False):
+        if work.units_of("trained"):
+            work.train_batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in iter_torch_batches(calib, self.c.batch_size)]
+        if work.units_of("scored"):
             self._statistics(work, calib)
         self.submit_units(work, evaluation, shards)
 
@@ -118,7 +131,7 @@ class Sweep:
         info, c = work.info, self.c
         weights = farm.submit_site_weights(work.entry.source, info.sites)
         ref = farm.reference.remote(work.entry.source, evaluation, c.batch_size, work.entry.task)
-        scored = work.units_of(surgeon=False)
+        scored = work.units_of("scored")
         for method in dict.fromkeys(u.method for u in scored):
             work.scores[method] = [farm.score_site.remote(method, weights[s], work.sites[s], c.seed, s) for s in info.sites]
             self._track("score", work.scores[method])
@@ -128,7 +141,9 @@ class Sweep:
             self._track("search", [masks])
             self._track("reconstruct", recs)
             self._submit_evaluation(unit, work, ref, masks, recs)
-        surgeons = work.units_of(surgeon=True)
+        for unit in work.units_of("trained"):
+            self._submit_training(unit, work, ref)
+        surgeons = work.units_of("surgeon")
         if surgeons:
             plan = surgeon_farm.ShotPlan(work.actors, shards, info.sites, info.geometries, weights,
                                          work.mean_seq_len, c.batch_size, c.seed, self.counter)
@@ -143,6 +158,20 @@ class Sweep:
         result = farm.evaluate_unit.remote(spec, ref, masks, *recs, timings=timings)
         self._track("evaluate", [result])
         self.in_flight[result] = (unit, work)
+
+    def _submit_training(self, unit: Unit, work: ModelWork, ref) -> None:
+        c = self.c
+        schedule = Schedule(steps=c.steps, budget=unit.budget, seed=c.seed, checkpoint_every=c.checkpoint_every)
+        job = TrainJob(unit.entry.source, unit.method, schedule, work.train_batches, work.mean_seq_len, unit.key, str(self._train_storage()))
+        trained = train_farm.train_unit.remote(job, farm.gpus_available())
+        self._track("train", [trained])
+        spec = farm.EvalSpec(unit.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, c.save_models, self._record(unit, work))
+        result = train_farm.evaluate_trained.remote(spec, ref, trained)
+        self._track("evaluate", [result])
+        self.in_flight[result] = (unit, work)
+
+    def _train_storage(self) -> Path:
+        return (self.c.out / ".train").absolute()
 
     def _track(self, stage: str, refs: list) -> None:
         self.stage_refs[stage].extend(refs)
@@ -227,7 +256,11 @@ class Sweep:
         self.tracker.log_json(run_id, {"params": params, "metrics": metrics, "sizes": result["sizes"]}, "report.json")
         if folder is not None:
             self.tracker.log_folder(run_id, folder, "model")
+        if "curve" in result:
+            self.tracker.log_curve(run_id, result["curve"])
         self.tracker.end(run_id)
+        if unit.method in TRAINED_METHODS:  # recorded: its training checkpoints are done with
+            shutil.rmtree(self._train_storage() / unit.key, ignore_errors=True)
 
     def _statistics_metrics(self, work: ModelWork) -> dict:
         out = {"stats_reused": float(work.stats_reused), "calibration_tokens": work.tokens, "mean_seq_len": work.mean_seq_len}
@@ -236,7 +269,7 @@ class Sweep:
     def _model_metrics(self, work: ModelWork, method: str) -> dict:
         """Statistics metrics plus the summed seconds of this method's scoring tasks."""
         out = self._statistics_metrics(work)
-        if method == SURGEON:  # it shares no statistics: its shots' timings come with the unit
+        if method_kind(method) != "scored":  # no shared statistics: its own timings come with the unit
             return {k: out[k] for k in ("calibration_tokens", "mean_seq_len")}
         try:
             out["score_s"] = sum(t.seconds for t in ray.get(work.scores[method]))

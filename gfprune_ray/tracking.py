@@ -105,6 +105,17 @@ class Tracker:
             tags=[RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()],
         )
 
+    def log_curve(self, run_id: str, rows: list[dict], prefix: str = "train/") -> None:
+        """A training curve: every numeric field of every row as a metric at the row's step."""
+        now = _now()
+        metrics = [
+            Metric(f"{prefix}{k}", float(v), now, int(row["step"]))
+            for row in rows for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
     def log_json(self, run_id: str, value, path: str) -> None:
         self.client.log_text(run_id, json.dumps(value, indent=2, default=str) + "\n", path)
 

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
 
-from conftest import VOCAB, make_tokenizer, run_cli, save_tiny, sentences
+from conftest import VOCAB, cli_command, cli_env, make_tokenizer, run_cli, save_tiny, sentences
 from gfprune_ray import load_pruned
 from gfprune_ray.models import adapter_for
 
@@ -271,3 +275,47 @@ def test_eval_defaults_to_the_recorded_data_and_split(ws, tmp_path):
     for key in ("seed", "samples", "eval_samples", "seq_len", "batch_size"):
         assert report["options"][key] == recorded["options"][key], key
     assert report["metrics"]["fidelity"] == pytest.approx(recorded["metrics"]["fidelity"], abs=1e-5)
+
+
+# ---- training methods: Ray Train, checkpoints, resume ------------------------------------------
+
+
+def _cofi_args(ws, out: Path) -> list:
+    return ["prune", ws.model_a, "--out", out, "--data", ws.data, "--budget", "0.6", "--method", "cofi",
+            "--steps", "300", "--checkpoint-every", "50", *SMALL]
+
+
+def test_prune_cofi_killed_during_training_resumes_to_the_uninterrupted_model(ws, tmp_path):
+    whole = run_cli(*_cofi_args(ws, tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    record = json.loads((tmp_path / "whole" / "gfprune.json").read_text())
+    assert record["options"]["method"] == "cofi" and len(record["curve"]) == 300
+    assert record["metrics"]["kept_prunable_macs"] <= 0.6 + 1e-9
+    assert not (tmp_path / ".whole.train").exists(), "checkpoints are removed once the model is saved"
+
+    storage = tmp_path / ".killed.train"
+    proc = subprocess.Popen([*cli_command(), *map(str, _cofi_args(ws, tmp_path / "killed"))], env=cli_env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(storage.glob("*/checkpoint_*/training.json")):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its embedded Ray and the training worker
+    proc.wait()
+    checkpoints = list(storage.glob("*/checkpoint_*/training.json"))
+    assert checkpoints and not (tmp_path / "killed").exists(), "the kill must land during training"
+    steps_done = json.loads(checkpoints[0].read_text())["step"]
+    assert 50 <= steps_done < 300
+
+    resumed = run_cli(*_cofi_args(ws, tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((tmp_path / "killed" / "gfprune.json").read_text())
+    assert again["curve"] == record["curve"], "the resumed run continues exactly where the checkpoint left it"
+    assert again["masks"] == record["masks"]
+    a, b = load_pruned(tmp_path / "whole"), load_pruned(tmp_path / "killed")
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
+def test_stats_file_is_refused_for_a_training_method(ws, tmp_path):
+    result = run_cli("prune", ws.model_a, "--out", tmp_path / "x", "--data", ws.data, "--method", "flop", "--stats", tmp_path / "s.safetensors", *SMALL)
+    assert result.returncode == 2 and "--stats does not apply to flop" in result.stderr

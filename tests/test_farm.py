@@ -168,11 +168,11 @@ def swept(local_ray, ws):
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}')  # no weights
     models = ws.root / "models.txt"
-    models.write_text(f"{ws.bert}\n{broken}\n{ws.gpt2} budgets=0.7 method=magnitude,llm-surgeon\n")
+    models.write_text(f"{ws.bert}\n{broken}\n{ws.gpt2} budgets=0.7 method=magnitude,llm-surgeon,flop\n")
     campaign = load_campaign(
         models=models, budgets=[0.8, 0.5], methods=["gfp", "magnitude"], data=str(ws.data), samples=40, eval_samples=20,
         seq_len=16, batch_size=8, workers=2, out=ws.root / "out", experiment="farm-test", latency_repeats=1,
-        tracking_uri=f"sqlite:///{ws.root / 'mlflow.db'}", cache_dir=ws.root / "cache", shots=2,
+        tracking_uri=f"sqlite:///{ws.root / 'mlflow.db'}", cache_dir=ws.root / "cache", shots=2, steps=12, checkpoint_every=5,
     )
     start = time.perf_counter()
     result = run_sweep(campaign)
@@ -183,7 +183,7 @@ def test_sweep_finishes_every_unit_of_the_good_models_and_reports_the_broken_one
     campaign, result, _ = swept
     finished = sorted((r["model"], r["method"], float(r["budget"])) for r in result.records if r["status"] == "FINISHED")
     assert finished == [("bert", "gfp", 0.5), ("bert", "gfp", 0.8), ("bert", "magnitude", 0.5), ("bert", "magnitude", 0.8),
-                        ("gpt2", "llm-surgeon", 0.7), ("gpt2", "magnitude", 0.7)]
+                        ("gpt2", "flop", 0.7), ("gpt2", "llm-surgeon", 0.7), ("gpt2", "magnitude", 0.7)]
     assert len(result.failures) == 1 and result.failures[0].startswith("broken: "), result.failures
     failed = [r for r in result.records if r["status"] == "FAILED"]
     assert {r["model"] for r in failed} == {"broken"} and all(r["error"] for r in failed)
@@ -212,7 +212,8 @@ def test_mlflow_has_a_campaign_run_with_nested_model_and_unit_runs(swept, ws):
     for unit in by_kind["unit"]:
         assert unit.data.tags["mlflow.parentRunId"] == models[unit.data.tags["gfprune_model"]].info.run_id
         assert {"method", "budget", "samples", "seq_len", "seed", "model_fingerprint", "version_torch"} <= set(unit.data.params)
-        assert {"relative_quality", "macs_ratio", "params", "speedup_b32_vs_ideal", "collect_s", "reconstruct_s", "evaluate_s"} <= set(unit.data.metrics)
+        own = {"train_s"} if unit.data.params["method"] == "flop" else {"collect_s", "reconstruct_s"}
+        assert {"relative_quality", "macs_ratio", "params", "speedup_b32_vs_ideal", "evaluate_s", *own} <= set(unit.data.metrics)
         artifacts = {a.path for a in tracker.client.list_artifacts(unit.info.run_id)}
         assert {"masks.json", "report.json", "model"} <= artifacts
     campaign_files = {a.path for a in tracker.client.list_artifacts(parent.info.run_id)}
@@ -246,6 +247,30 @@ def test_sweep_llm_surgeon_equals_the_single_process_prune(swept, ws, tmp_path):
     tracker = Tracker(campaign.tracking_uri, campaign.experiment)
     (run,) = tracker.client.search_runs([tracker.experiment_id], "tags.gfprune_kind = 'unit' and params.method = 'llm-surgeon'")
     assert run.data.params["shots"] == "2" and run.data.params["reconstruction"] == "correlated"
+
+
+def test_sweep_flop_trains_on_ray_train_like_the_single_process_prune(swept, ws, tmp_path):
+    """A training unit: TorchTrainer in the farm, loss curve in MLflow, checkpoints cleaned up,
+    and the same model as `prune --method flop` (training is deterministic)."""
+    campaign, result, _ = swept
+    (record,) = [r for r in result.records if r["model"] == "gpt2" and r["method"] == "flop"]
+    opts = PruneOptions(budget=0.7, method="flop", samples=40, eval_samples=20, seq_len=16, batch_size=8, latency_repeats=1, steps=12, checkpoint_every=5)
+    report = prune_model(str(ws.gpt2), str(ws.data), opts, tmp_path / "single")
+    assert float(record["relative_quality"]) == pytest.approx(report["metrics"]["relative_quality"], abs=1e-5)
+    assert float(record["kept_prunable_macs"]) == pytest.approx(report["metrics"]["kept_prunable_macs"])
+    assert float(record["kept_prunable_macs"]) <= 0.7 + 1e-9 and float(record["train_steps"]) == 12
+    saved = load_pruned(campaign.out / "gpt2" / "flop-0.7")
+    single = load_pruned(tmp_path / "single")
+    ids = torch.randint(3, 90, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(saved(input_ids=ids).logits, single(input_ids=ids).logits, atol=1e-5)
+    tracker = Tracker(campaign.tracking_uri, campaign.experiment)
+    (run,) = tracker.client.search_runs([tracker.experiment_id], "tags.gfprune_kind = 'unit' and params.method = 'flop'")
+    assert run.data.params["steps"] == "12" and run.data.params["reconstruction"] == "trained"
+    curve = tracker.client.get_metric_history(run.info.run_id, "train/expected_kept")
+    assert sorted(m.step for m in curve) == list(range(12))
+    assert not any((campaign.out / ".train").glob("*")), "a recorded unit's checkpoints are removed"
+    assert not (tmp_path / ".single.train").exists()
 
 
 def test_rerun_skips_finished_units_and_reuses_statistics(swept):

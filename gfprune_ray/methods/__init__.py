@@ -10,6 +10,8 @@ allocation; the benchmark shows what happens globally).
 
 llm-surgeon is not a score function: it needs curvature on the partly pruned model in every shot
 and writes its own weights (`surgeon.py`, run by `pipeline.plan_llm_surgeon` and the farm).
+cofi and flop are not either: they train hard-concrete gates with the weights (`cofi.py`,
+`flop.py`, `trained.py`; run under Ray Train by `train_ray.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..stats import GramStats
 from .baselines import fluctuation_scores, magnitude_scores, random_scores
 from .gfp import gfp_d2_scores, gfp_r2_scores, gfp_scores
 from .surgeon import NAME as SURGEON
+from .trained import TRAINED_METHODS
 
 ScoreFn = Callable[[UnitWeights, GramStats, torch.Generator], torch.Tensor]
 
@@ -35,7 +38,7 @@ METHODS: dict[str, ScoreFn] = {
     "random": random_scores,
 }
 
-METHOD_NAMES: tuple[str, ...] = (*METHODS, SURGEON)
+METHOD_NAMES: tuple[str, ...] = (*METHODS, SURGEON, *TRAINED_METHODS)
 
 
 def get_method(name: str) -> ScoreFn:
@@ -45,4 +48,4 @@ def get_method(name: str) -> ScoreFn:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
 
 
-__all__ = ["METHODS", "METHOD_NAMES", "SURGEON", "ScoreFn", "get_method"]
+__all__ = ["METHODS", "METHOD_NAMES", "SURGEON", "TRAINED_METHODS", "ScoreFn", "get_method"]

@@ -86,6 +86,7 @@ class Adapter:
     q_path: ClassVar[str | None] = None
     k_path: ClassVar[str | None] = None
     v_path: ClassVar[str | None] = None
+    fused_qkv_path: ClassVar[str | None] = None  # one projection computes Q, K and V (GPT-2)
     o_path: ClassVar[str] = ""
     ffn_in_paths: ClassVar[tuple[str, ...]] = ()
     ffn_out_path: ClassVar[str] = ""
@@ -143,6 +144,17 @@ class Adapter:
             set_path(layer, path, L.sliced(get_path(layer, path), rows=rows))
 
     # ---- generic ------------------------------------------------------------------------------
+    def block_linear_paths(self) -> list[str]:
+        """Paths, relative to one layer, of every linear layer of a block (attention, then FFN)."""
+        attn = [self.fused_qkv_path] if self.fused_qkv_path else [self.q_path, self.k_path, self.v_path]
+        return [*attn, self.o_path, *self.ffn_in_paths, self.ffn_out_path]
+
+    def linear_paths(self) -> list[str]:
+        """Paths, from the model's root, of every linear layer inside the transformer blocks."""
+        layers = self.layers()
+        prefix = next(name for name, module in self.model.named_modules() if module is layers)
+        return [f"{prefix}.{i}.{p}" for i in range(self.num_layers) for p in self.block_linear_paths()]
+
     @property
     def num_layers(self) -> int:
         return len(self.layers())

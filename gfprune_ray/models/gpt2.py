@@ -12,6 +12,7 @@ from .base import Adapter, get_path
 class GPT2Adapter(Adapter):
     model_types = ("gpt2",)
     causal = True
+    fused_qkv_path = "attn.c_attn"
     o_path = "attn.c_proj"
     ffn_in_paths = ("mlp.c_fc",)
     ffn_out_path = "mlp.c_proj"
@@ -22,7 +23,7 @@ class GPT2Adapter(Adapter):
         return self.base.h
 
     def _qkv_width(self, i: int) -> int:
-        return L.shape_of(get_path(self.layers()[i], "attn.c_attn"))[0] // 3
+        return L.shape_of(get_path(self.layers()[i], self.fused_qkv_path))[0] // 3
 
     def attention_inputs(self, i: int) -> list[torch.Tensor]:
         return list(L.weight_of(self.layers()[i].attn.c_attn).split(self._qkv_width(i), dim=0))

@@ -10,11 +10,37 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-LinearLike = nn.Linear | Conv1D
+
+
+class FactorizedLinear(nn.Module):
+    """A linear layer stored as two thin ones, (out x rank) after (rank x in): what FLOP leaves of
+    a weight matrix once its zero-gated rank-1 components are dropped. Cheaper than the dense
+    layer only while rank * (in + out) < in * out."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.first = nn.Linear(in_features, rank, bias=False, dtype=dtype)
+        self.second = nn.Linear(rank, out_features, bias=bias, dtype=dtype)
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_features
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.second.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+LinearLike = nn.Linear | Conv1D | FactorizedLinear
 
 
 def weight_of(module: LinearLike) -> torch.Tensor:
-    """The weight in (out, in) layout; Conv1D stores it transposed."""
+    """The weight in (out, in) layout; Conv1D stores it transposed, a factorized layer as a product."""
+    if isinstance(module, FactorizedLinear):
+        return module.second.weight @ module.first.weight
     return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 

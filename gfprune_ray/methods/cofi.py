@@ -1,0 +1,149 @@
+"""CoFi (Xia, Zhong and Chen, ACL 2022): coarse and fine hard-concrete masks trained jointly with
+the weights by distillation from the frozen dense model, steered to the budget by a Lagrangian.
+
+Gates per layer: one on the whole attention block, one per attention unit (head or KV group), one
+on the whole FFN, one per FFN neuron. A unit's output is multiplied by its own gate and by its
+block's gate, at the input of the block's output projection (through the adapter, by a hook), so
+a closed block leaves exactly its output bias: what the core's surgery leaves when it removes the
+block. Expected kept MACs are the core's MACs model with every unit weighted by
+P(block on) P(unit on).
+
+At the end the deterministic gates decide: a unit stays when its block gate and its own are both
+nonzero, and the product of the two, which the trained model relies on, is folded into the
+output-projection columns of the unit. The masks then go through the core's surgery unchanged.
+
+CoFi's gates on hidden dimensions are not built yet (they need surgery of the residual stream).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..distill import distillation_loss, identity_map
+from ..flops import prunable_macs, unit_macs
+from ..models import KINDS, Adapter
+from ..models import layers as L
+from ..search import Masks, Site
+from ..surgery import apply_pruning
+from ..training import GatedStudent, gate_set
+
+NAME = "cofi"
+
+
+def _unit_key(site: Site) -> str:
+    return f"{site[0]}-{site[1]}"
+
+
+def _block_key(site: Site) -> str:
+    return f"{site[0]}-{site[1]}-block"
+
+
+class CoFiStudent(GatedStudent):
+    def __init__(self, adapter: Adapter, seq_len: float):
+        super().__init__()
+        self.adapter = adapter
+        self.model = adapter.model
+        self.teacher = [copy.deepcopy(adapter.model).eval().requires_grad_(False)]  # a list: not a submodule, not saved
+        self.seq_len = seq_len
+        self.geoms = adapter.geometries()
+        self.sites: list[Site] = [(i, k) for i, g in enumerate(self.geoms) for k in KINDS if g.count(k)]
+        sizes = {}
+        for site in self.sites:
+            sizes[_unit_key(site)] = self.geoms[site[0]].count(site[1])
+            sizes[_block_key(site)] = 1
+        self.gates = gate_set(sizes)
+        self.mapping = identity_map(adapter.hidden_size)
+        self._current: dict[Site, torch.Tensor] = {}
+        self._hooks = [self._hook(site) for site in self.sites]
+        self.trimmed = 0
+
+    def _hook(self, site: Site):
+        module = self.adapter.output_projection(*site)
+        width = self.geoms[site[0]].width(site[1])
+
+        def scale_inputs(_module, args):
+            z = self._current.get(site)
+            return None if z is None else (args[0] * z.repeat_interleave(width).to(args[0].dtype),)
+
+        return module.register_forward_pre_hook(scale_inputs)
+
+    def site_gates(self, generator: torch.Generator | None = None) -> dict[Site, torch.Tensor]:
+        """Per unit: its gate times its block's gate (sampled in training, deterministic in eval)."""
+        if self.training:
+            return {site: self.gates[_unit_key(site)](generator) * self.gates[_block_key(site)](generator) for site in self.sites}
+        return {site: self._deterministic(site) for site in self.sites}
+
+    def _deterministic(self, site: Site) -> torch.Tensor:
+        """A site keeps round(P(block on) * sum of its units' P(on)) units, its expected count, so
+        a block that is half on in expectation is not deployed whole (nor dropped whole)."""
+        units, block = self.gates[_unit_key(site)], self.gates[_block_key(site)]
+        expected = (block.keep_probability()[0] * units.keep_probability().sum()).item()
+        return units.deterministic(keep=int(round(expected))) * block.soft()[0]
+
+    def task_loss(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True}
+        with torch.no_grad():
+            teacher_out = self.teacher[0](**inputs)
+        self._current = self.site_gates(generator)
+        try:
+            student_out = self.model(**inputs)
+        finally:
+            self._current = {}
+        loss, parts = distillation_loss(student_out, teacher_out, self.mapping, batch["attention_mask"])
+        if "labels" in batch and getattr(student_out, "logits", None) is not None:
+            ce = nn.functional.cross_entropy(student_out.logits, batch["labels"])
+            loss = loss + ce
+            parts["label_loss"] = float(ce)
+        return loss, parts
+
+    def expected_kept(self) -> torch.Tensor:
+        total = torch.zeros(())
+        for i, kind in self.sites:
+            p_block = self.gates[_block_key((i, kind))].keep_probability()[0]
+            p_units = self.gates[_unit_key((i, kind))].keep_probability().sum()
+            total = total + p_block * p_units * unit_macs(self.geoms[i], kind, self.seq_len)
+        return total / prunable_macs(self.geoms, self.seq_len)
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    @torch.no_grad()
+    def finish(self, budget: float) -> Masks:
+        """Cut the model in place: deterministic masks, trimmed to the budget if the gates overshoot
+        it (`self.trimmed` units), kept gate values folded into the output projections, then the
+        core's surgery. Returns the masks."""
+        self.close()
+        self.eval()
+        values = self.site_gates()
+        trimmed = trim_to_budget(values, self.geoms, budget, self.seq_len)
+        for site, z in values.items():
+            module = self.adapter.output_projection(*site)
+            width = self.geoms[site[0]].width(site[1])
+            L.assign(module, L.weight_of(module) * z.repeat_interleave(width).to(L.weight_of(module).dtype), None)
+        masks = Masks({site: z > 0 for site, z in values.items()})
+        apply_pruning(self.adapter, masks)
+        self.trimmed = trimmed
+        return masks
+
+
+def trim_to_budget(values: dict[Site, torch.Tensor], geoms, budget: float, seq_len: float) -> int:
+    """Zero the smallest nonzero gates, one unit at a time, until the kept MACs fit the budget.
+    Gates trained to the budget land within a few units of it; this makes 'never above' exact."""
+    limit = budget * prunable_macs(geoms, seq_len) * (1 + 1e-12)
+    total = sum(int((z > 0).sum()) * unit_macs(geoms[i], kind, seq_len) for (i, kind), z in values.items())
+    if total <= limit:
+        return 0
+    units = sorted((float(z[u]), site, int(u)) for site, z in values.items() for u in (z > 0).nonzero().flatten())
+    trimmed = 0
+    for _, site, unit in units:
+        if total <= limit:
+            break
+        values[site][unit] = 0.0
+        total -= unit_macs(geoms[site[0]], site[1], seq_len)
+        trimmed += 1
+    return trimmed

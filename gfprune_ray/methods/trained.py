@@ -1,0 +1,43 @@
+"""What the training-based methods (CoFi, FLOP) have in common at the level of a whole unit:
+build the student, train it, cut the model, say what was kept."""
+
+from __future__ import annotations
+
+from ..flops import kept_prunable_macs, prunable_macs
+from ..models import Adapter
+from ..search import Masks, full_masks
+from ..training import GatedStudent
+from .cofi import NAME as COFI
+from .cofi import CoFiStudent
+from .flop import NAME as FLOP
+from .flop import FlopStudent
+
+TRAINED_METHODS: tuple[str, ...] = (COFI, FLOP)
+# Training steps. CPU: enough for the gates to reach the budget on MiniLM in a few minutes (the
+# demo). GPU: the papers train for epochs (CoFi: 20 epochs with distillation on GLUE tasks); at
+# batch 32 that is on the order of 10,000 steps, the default to use with --steps on a GPU cluster.
+STEPS_CPU = 200
+STEPS_GPU = 10_000
+CHECKPOINT_EVERY = 50  # steps between checkpoints: a killed run loses at most this many
+
+
+def student_for(method: str, adapter: Adapter, seq_len: float) -> GatedStudent:
+    if method == COFI:
+        return CoFiStudent(adapter, seq_len)
+    if method == FLOP:
+        return FlopStudent(adapter, seq_len)
+    raise ValueError(f"{method!r} is not a training-based method; those are: {', '.join(TRAINED_METHODS)}")
+
+
+def finish(student: GatedStudent, budget: float) -> Masks:
+    """Cut the student's model to its deterministic gates (trimmed to the budget) in place; the
+    masks of attention units and neurons kept (all of them for FLOP, which cuts ranks instead)."""
+    if isinstance(student, CoFiStudent):
+        return student.finish(budget)
+    student.finish(budget)
+    return full_masks(student.geoms)
+
+
+def kept_fraction(adapter: Adapter, dense_geoms, seq_len: float) -> float:
+    """Prunable MACs the cut model keeps, over the dense model's."""
+    return kept_prunable_macs(adapter, seq_len) / prunable_macs(dense_geoms, seq_len)

@@ -1,0 +1,125 @@
+"""CoFi and FLOP under Ray Train: one TorchTrainer run per (model, method, budget) unit.
+
+Every worker loads the model, builds the gated student and trains on its share of the calibration
+batches; with several workers the student is wrapped in DDP by `prepare_model` (one CPU worker
+here, several GPUs on a cluster, same code). Rank 0 writes a checkpoint every `checkpoint_every`
+steps (the whole `GatedTraining` state as safetensors and JSON). A run is named by its unit, so
+calling `fit` again after a crash or a kill resumes from the latest checkpoint: Ray Train restores
+a run whose name already exists in the storage folder.
+
+The final checkpoint also holds the cut model (`model/`, loadable with `load_pruned`) and
+`outcome.json` (masks, trimmed gates, the loss curve): that is what the caller measures and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .methods.trained import finish, kept_fraction, student_for
+from .models import adapter_for
+from .training import GatedTraining, Schedule, run_training
+
+MODEL_DIR = "model"
+OUTCOME_FILE = "outcome.json"
+
+
+@dataclass
+class TrainJob:
+    source: str
+    method: str
+    schedule: Schedule
+    batches: list[dict]
+    seq_len: float
+    name: str  # the same name in the same storage resumes from the latest checkpoint
+    storage: str
+    threads: int = 1
+
+
+def _metrics(row: dict) -> dict:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float))}
+
+
+def _report(training: GatedTraining, rank: int, final: dict | None = None, model=None) -> None:
+    import ray.train
+
+    metrics = _metrics(training.curve[-1]) if training.curve else {}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        training.save(folder)
+        if final is not None:
+            from .surgery import save_pruned
+
+            save_pruned(model, Path(folder) / MODEL_DIR)
+            (Path(folder) / OUTCOME_FILE).write_text(json.dumps(final))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def train_loop(config: dict) -> None:
+    """What each Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    from .loading import load_model
+
+    job: TrainJob = config["job"]
+    torch.set_num_threads(max(1, job.threads))
+    model, _ = load_model(job.source)
+    adapter = adapter_for(model)
+    dense_geoms = adapter.geometries()
+    student = student_for(job.method, adapter, job.seq_len)
+    training = GatedTraining(student, job.schedule)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            training.load(folder)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if world > 1:
+        training.student = ray.train.torch.prepare_model(student)  # DDP; a no-op wrapper for one worker
+    student.to(device)
+    for teacher in getattr(student, "teacher", []):
+        teacher.to(device)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in job.batches]
+    run_training(training, batches, checkpoint=lambda t: _report(t, rank), rank=rank, world=world)
+    masks = finish(student, job.schedule.budget)
+    model = student.model.cpu()
+    outcome = {
+        "masks": masks.to_json(),
+        "trimmed": student.trimmed,
+        "kept_prunable_macs": kept_fraction(adapter_for(model), dense_geoms, job.seq_len),
+        "curve": training.curve,
+    }
+    _report(training, rank, final=outcome, model=model)
+
+
+def fit(job: TrainJob, workers: int = 1, cpus_per_worker: float = 1, use_gpu: bool = False) -> Path:
+    """Run (or resume) the job's training under Ray Train; the final checkpoint's folder."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=job.name, storage_path=str(Path(job.storage).absolute()), checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None or not (Path(result.checkpoint.path) / OUTCOME_FILE).exists():
+        raise RuntimeError(f"training {job.name} ended without a final checkpoint")
+    return Path(result.checkpoint.path)
+
+
+def read_outcome(folder: Path) -> tuple:
+    """(the cut model, outcome dict) from a final checkpoint folder."""
+    from .surgery import load_pruned
+
+    return load_pruned(folder / MODEL_DIR), json.loads((folder / OUTCOME_FILE).read_text())

@@ -1,0 +1,195 @@
+"""CoFi and FLOP: hard-concrete gates, the Lagrangian, factorized layers, checkpoints, surgery."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from conftest import tiny_batches, tiny_model
+from gfprune_ray.flops import counted_macs, model_macs, prunable_macs, unit_macs
+from gfprune_ray.gates import HardConcreteGates, target_at
+from gfprune_ray.methods.cofi import CoFiStudent, _block_key, _unit_key
+from gfprune_ray.methods.flop import FlopStudent, GatedFactorized, _key
+from gfprune_ray.methods.trained import finish, kept_fraction, student_for
+from gfprune_ray.models import adapter_for
+from gfprune_ray.models import layers as L
+from gfprune_ray.surgery import load_pruned, save_pruned
+from gfprune_ray.training import GatedTraining, Schedule, run_training
+
+SEQ = 12.0
+
+
+def _randomize(student, seed: int = 0, shift: float = 0.0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gates in student.gates.values():
+            gates.log_alpha.copy_(torch.randn(gates.log_alpha.shape, generator=g) * 2 + shift)
+
+
+def test_keep_probability_is_the_frequency_of_nonzero_draws():
+    gates = HardConcreteGates(5)
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([-4.0, -1.0, 0.0, 1.0, 4.0]))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([gates.sample(g) for _ in range(20000)])
+    assert draws.min() >= 0 and draws.max() <= 1
+    assert (draws == 0).any() and (draws == 1).any()  # the stretch puts mass on both ends
+    assert torch.allclose((draws != 0).float().mean(0), gates.keep_probability().detach(), atol=0.015)
+
+
+@pytest.mark.parametrize("method,name", [("cofi", "bert"), ("cofi", "llama"), ("flop", "gpt2"), ("flop", "bert")])
+def test_expected_kept_macs_match_a_monte_carlo_estimate(method, name):
+    adapter = adapter_for(tiny_model(name))
+    geoms = adapter.geometries()
+    student = student_for(method, adapter, SEQ)
+    _randomize(student)
+    g = torch.Generator().manual_seed(1)
+    draws = []
+    with torch.no_grad():
+        for _ in range(4000):
+            on = {k: gates.sample(g) != 0 for k, gates in student.gates.items()}
+            if method == "cofi":
+                kept = sum(float(on[_block_key(s)][0]) * int(on[_unit_key(s)].sum()) * unit_macs(geoms[s[0]], s[1], SEQ) for s in student.sites)
+            else:
+                kept = student.fixed_macs + sum(int(on[_key(p)].sum()) * sum(layer.shape) for p, layer in student.layers.items())
+            draws.append(kept / prunable_macs(geoms, SEQ))
+    draws = torch.tensor(draws)
+    expected = float(student.expected_kept().detach())
+    assert abs(float(draws.mean()) - expected) < 4 * float(draws.std()) / math.sqrt(len(draws)) + 1e-9
+
+
+def test_target_ramps_from_the_start_to_the_budget_then_holds():
+    targets = [target_at(s, 10, 0.5, warmup=0.5, start=1.2) for s in range(10)]
+    assert targets[0] < 1.2 and targets[4] == pytest.approx(0.5) and targets[-1] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(targets, targets[1:]))
+
+
+@pytest.mark.parametrize("method,name,budget", [("cofi", "bert", 0.6), ("cofi", "gpt2", 0.5), ("flop", "gpt2", 0.7), ("flop", "bert", 0.8)])
+def test_a_short_run_lands_on_the_budget(method, name, budget):
+    adapter = adapter_for(tiny_model(name))
+    geoms = adapter.geometries()
+    training = run_training(GatedTraining(student_for(method, adapter, SEQ), Schedule(steps=200, budget=budget)), tiny_batches(4))
+    assert training.curve[-1]["expected_kept"] == pytest.approx(budget, abs=0.03)  # the Lagrangian got it there
+    finish(training.student, budget)
+    kept = kept_fraction(adapter, geoms, SEQ)
+    assert budget - 0.1 <= kept <= budget + 1e-9
+    adapter.model(input_ids=tiny_batches(1)[0]["input_ids"])  # the cut model runs
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_flop_layer_with_all_gates_open_is_the_original_and_dropping_zero_gates_changes_nothing(conv):
+    torch.manual_seed(0)
+    original = Conv1D(12, 20) if conv else nn.Linear(20, 12)
+    with torch.no_grad():
+        original.bias.normal_()
+    x = torch.randn(3, 5, 20, dtype=torch.float32)
+    layer = GatedFactorized(original)
+    assert torch.allclose(layer(x), original(x), atol=1e-5)
+    layer.z = torch.ones(layer.rank)
+    assert torch.allclose(layer(x), original(x), atol=1e-5)
+    for keep in (3, 9):  # thin: 3 * (20 + 12) < 240; nearly full rank: one dense layer is cheaper
+        z = torch.zeros(layer.rank)
+        z[torch.randperm(layer.rank)[:keep]] = torch.rand(keep) + 0.1
+        layer.z = z
+        gated = layer(x)
+        deployed = layer.thin(z)
+        assert isinstance(deployed, L.FactorizedLinear) == (keep * 32 < 240)
+        assert torch.allclose(deployed(x), gated, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_flop_model_saves_loads_with_one_call_and_its_macs_are_counted_right(name, tmp_path):
+    adapter = adapter_for(tiny_model(name))
+    student = FlopStudent(adapter, SEQ)
+    _randomize(student, seed=3, shift=-2.0)  # low ranks: most layers deploy as two thin ones
+    ids = tiny_batches(1)[0]["input_ids"]
+    student.eval()
+    with torch.no_grad():
+        student._set_gates(None)
+        gated = adapter.model(input_ids=ids)[0]
+        student._clear_gates()
+    finish(student, 1.0)
+    assert any(isinstance(m, L.FactorizedLinear) for m in adapter.model.modules())
+    with torch.no_grad():
+        assert torch.allclose(adapter.model(input_ids=ids)[0], gated, atol=1e-4)
+    save_pruned(adapter.model, tmp_path)
+    loaded = load_pruned(tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids)[0], gated, atol=1e-4)
+    seq = ids.shape[1]
+    assert model_macs(adapter_for(loaded), seq) == pytest.approx(counted_macs(loaded, ids[:1]), rel=1e-6)
+
+
+def _same_state(a: GatedTraining, b: GatedTraining) -> None:
+    for (name, p), (_, q) in zip(a.student.state_dict().items(), b.student.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert a.curve == b.curve and a.step == b.step
+    for name in a.optimizers:
+        sa, sb = a.optimizers[name].state_dict()["state"], b.optimizers[name].state_dict()["state"]
+        assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+
+
+@pytest.mark.parametrize("method", ["cofi", "flop"])
+def test_training_resumes_from_a_checkpoint_to_the_same_state(method, tmp_path):
+    batches = tiny_batches(3)
+    schedule = Schedule(steps=8, budget=0.6, checkpoint_every=3)
+
+    def fresh() -> GatedTraining:
+        return GatedTraining(student_for(method, adapter_for(tiny_model("gpt2")), SEQ), schedule)
+
+    saved = []
+    whole = run_training(fresh(), batches, checkpoint=lambda t: (t.save(tmp_path / f"s{t.step}"), saved.append(t.step)))
+    assert saved == [3, 6]
+    resumed = fresh()
+    resumed.load(tmp_path / "s3")
+    assert resumed.step == 3
+    run_training(resumed, batches)
+    _same_state(whole, resumed)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_cofi_removing_a_whole_layer_gives_a_model_that_loads_and_runs(name, tmp_path):
+    adapter = adapter_for(tiny_model(name))
+    student = CoFiStudent(adapter, SEQ)
+    with torch.no_grad():
+        for gates in student.gates.values():
+            gates.log_alpha.fill_(10.0)
+        for kind in ("attn", "ffn"):
+            student.gates[_block_key((0, kind))].log_alpha.fill_(-10.0)
+        student.gates[_unit_key((1, "ffn"))].log_alpha[:10] = -10.0
+    ids = tiny_batches(1)[0]
+    student.eval()
+    with torch.no_grad():
+        student._current = student.site_gates()
+        gated = adapter.model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])[0]
+        student._current = {}
+    masks = finish(student, 1.0)
+    assert not masks.keep[(0, "attn")].any() and not masks.keep[(0, "ffn")].any()
+    geom = adapter.geometry(0)
+    assert geom.units == 0 and geom.ffn == 0 and adapter.geometry(1).ffn == 48 - 10
+    save_pruned(adapter.model, tmp_path)
+    loaded = load_pruned(tmp_path)
+    with torch.no_grad():
+        out = loaded(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])[0]
+    assert torch.allclose(out, gated, atol=1e-4)
+
+
+def test_cofi_distillation_loss_is_zero_for_the_dense_student_and_gates_only_in_training():
+    adapter = adapter_for(tiny_model("bert"))
+    student = CoFiStudent(adapter, SEQ)
+    with torch.no_grad():
+        for gates in student.gates.values():
+            gates.log_alpha.fill_(40.0)  # every gate is 1 (to float precision) in eval
+    student.eval()
+    loss, parts = student.task_loss(tiny_batches(1)[0], None)
+    assert float(loss) == pytest.approx(0.0, abs=1e-8)
+    assert parts["matching"] == [0, 1]  # teacher layer i is matched by student layer i
+    dense = copy.deepcopy(adapter.model)
+    student.close()
+    ids = tiny_batches(1)[0]["input_ids"]
+    assert torch.equal(adapter.model(input_ids=ids)[0], dense(input_ids=ids)[0])  # no hooks left
