@@ -1,9 +1,10 @@
 """Physical removal of units, saving a pruned model, and loading it back with one call.
 
 transformers 5 configs have no per-layer head or FFN sizes, so a pruned model's config carries
-`gfprune_sizes` ([attention units, FFN neurons] per layer), and, where FLOP factorized weight
-matrices, `gfprune_factorized` (module path: rank). `load_pruned` builds the ordinary transformers
-class, narrows its layers to those sizes, swaps in the factorized layers and loads the weights.
+`gfprune_sizes` ([attention units, FFN neurons] per layer); where CoFi cut hidden dimensions,
+`gfprune_hidden` (the stream's width); where FLOP factorized weight matrices, `gfprune_factorized`
+(module path: rank). `load_pruned` builds the ordinary transformers class, narrows its layers to
+those sizes and its stream to that width, swaps in the factorized layers and loads the weights.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .models import KINDS, Adapter, adapter_for
-from .models.base import set_path
+from .models.base import HIDDEN_KEY, set_path
 from .models import layers as L
 from .reconstruct import Reconstruction
 from .search import Masks
@@ -127,9 +128,12 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module
     model_class = getattr(transformers, architecture or "", None)
     if model_class is None:
         raise ValueError(f"{path}: config names no transformers architecture")
+    hidden = config.__dict__.pop(HIDDEN_KEY, None)  # build at full width, then cut (like heads)
     model = model_class(config)
     if sizes is not None:
         adapter_for(model).resize(sizes)
+    if hidden is not None:
+        adapter_for(model).cut_hidden(torch.arange(hidden))
     refactorize(model, getattr(config, FACTORIZED_KEY, None) or {})
     dtype = dtype or _saved_dtype(config)
     if dtype is not None:

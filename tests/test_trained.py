@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def test_keep_probability_is_the_frequency_of_nonzero_draws():
     assert torch.allclose((draws != 0).float().mean(0), gates.keep_probability().detach(), atol=0.015)
 
 
-@pytest.mark.parametrize("method,name", [("cofi", "bert"), ("cofi", "llama"), ("flop", "gpt2"), ("flop", "bert")])
+@pytest.mark.parametrize("method,name", [("cofi", "bert"), ("cofi", "llama"), ("flop", "gpt2"), ("flop", "bert")])  # llama: hidden gates too
 def test_expected_kept_macs_match_a_monte_carlo_estimate(method, name):
     adapter = adapter_for(tiny_model(name))
     geoms = adapter.geometries()
@@ -54,7 +55,8 @@ def test_expected_kept_macs_match_a_monte_carlo_estimate(method, name):
         for _ in range(4000):
             on = {k: gates.sample(g) != 0 for k, gates in student.gates.items()}
             if method == "cofi":
-                kept = sum(float(on[_block_key(s)][0]) * int(on[_unit_key(s)].sum()) * unit_macs(geoms[s[0]], s[1], SEQ) for s in student.sites)
+                width = {"d": int(on["hidden"].sum())} if "hidden" in on else {}
+                kept = sum(float(on[_block_key(s)][0]) * int(on[_unit_key(s)].sum()) * unit_macs(replace(geoms[s[0]], **width), s[1], SEQ) for s in student.sites)
             else:
                 kept = student.fixed_macs + sum(int(on[_key(p)].sum()) * sum(layer.shape) for p, layer in student.layers.items())
             draws.append(kept / prunable_macs(geoms, SEQ))
@@ -193,3 +195,38 @@ def test_cofi_distillation_loss_is_zero_for_the_dense_student_and_gates_only_in_
     student.close()
     ids = tiny_batches(1)[0]["input_ids"]
     assert torch.equal(adapter.model(input_ids=ids)[0], dense(input_ids=ids)[0])  # no hooks left
+
+
+@pytest.mark.parametrize("name", ["bert-cls", "gpt2", "llama", "roberta-cls"])
+def test_cofi_cutting_hidden_dimensions_gives_the_gated_model_and_loads_back(name, tmp_path):
+    adapter = adapter_for(tiny_model(name))
+    student = CoFiStudent(adapter, SEQ)
+    assert student.hidden
+    with torch.no_grad():
+        for gates in student.gates.values():
+            gates.log_alpha.fill_(40.0)
+        student.gates["hidden"].log_alpha[torch.tensor([1, 5, 6, 20, 31])] = -40.0
+        student.gates[_block_key((1, "attn"))].log_alpha.fill_(-40.0)  # a removed block's bias is narrowed too
+        student.gates[_unit_key((0, "ffn"))].log_alpha[:7] = -40.0
+    batch = tiny_batches(1)[0]
+    student.eval()
+    with torch.no_grad():
+        student._current = student.site_gates() | {"hidden": student.hidden_gates()}
+        gated = adapter.model(**batch)[0]
+        student._current = {}
+    dense_geoms = adapter.geometries()
+    finish(student, 1.0)
+    assert adapter.hidden_size == 27 and adapter.model.get_input_embeddings().embedding_dim == 27
+    with torch.no_grad():
+        assert torch.allclose(adapter.model(**batch)[0], gated, atol=1e-5)
+    save_pruned(adapter.model, tmp_path)
+    loaded = load_pruned(tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch)[0], gated, atol=1e-5)
+    ids = batch["input_ids"][:1]
+    assert model_macs(adapter_for(loaded), ids.shape[1]) == pytest.approx(counted_macs(loaded, ids), rel=1e-6)
+    assert kept_fraction(adapter_for(loaded), dense_geoms, SEQ) < 27 / 32
+
+
+def test_a_bare_encoder_keeps_its_hidden_width():
+    assert not CoFiStudent(adapter_for(tiny_model("bert")), SEQ).hidden  # its output is the stream

@@ -2,27 +2,34 @@
 the weights by distillation from the frozen dense model, steered to the budget by a Lagrangian.
 
 Gates per layer: one on the whole attention block, one per attention unit (head or KV group), one
-on the whole FFN, one per FFN neuron. A unit's output is multiplied by its own gate and by its
-block's gate, at the input of the block's output projection (through the adapter, by a hook), so
-a closed block leaves exactly its output bias: what the core's surgery leaves when it removes the
-block. Expected kept MACs are the core's MACs model with every unit weighted by
-P(block on) P(unit on).
+on the whole FFN, one per FFN neuron; and one per hidden dimension, shared by all layers. A unit's
+output is multiplied by its own gate and by its block's gate, at the input of the block's output
+projection (through the adapter, by a hook), so a closed block leaves exactly its output bias:
+what the core's surgery leaves when it removes the block. A hidden gate multiplies its dimension
+wherever the residual stream is written (embedding tables, output projections, norms), and the
+norms compute their statistics over the open dimensions only, as the narrower model will.
+Expected kept MACs are the core's MACs model with every unit weighted by P(block on) P(unit on)
+and the width d replaced by the expected number of open hidden dimensions.
 
-At the end the deterministic gates decide: a unit stays when its block gate and its own are both
-nonzero, and the product of the two, which the trained model relies on, is folded into the
-output-projection columns of the unit. The masks then go through the core's surgery unchanged.
+Hidden dimensions are gated only where the model's output does not live in the stream (an LM
+head or a classifier reads it): a bare encoder's output is its hidden states, so their width is
+its interface (MiniLM's sentence embeddings) and stays.
 
-CoFi's gates on hidden dimensions are not built yet (they need surgery of the residual stream).
+At the end the deterministic gates decide (`_deterministic`), the unit and block gate values the
+trained model relies on are folded into the output-projection columns, the masks go through the
+core's surgery, and the closed hidden dimensions are cut from the stream (`Adapter.cut_hidden`).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from ..distill import distillation_loss, identity_map
+from ..evaluate import has_classifier
 from ..flops import prunable_macs, unit_macs
 from ..models import KINDS, Adapter
 from ..models import layers as L
@@ -31,6 +38,7 @@ from ..surgery import apply_pruning
 from ..training import GatedStudent, gate_set
 
 NAME = "cofi"
+HIDDEN = "hidden"
 
 
 def _unit_key(site: Site) -> str:
@@ -54,10 +62,15 @@ class CoFiStudent(GatedStudent):
         for site in self.sites:
             sizes[_unit_key(site)] = self.geoms[site[0]].count(site[1])
             sizes[_block_key(site)] = 1
+        self.hidden = adapter.supports_hidden_cut and has_output_head(adapter.model)
+        if self.hidden:
+            sizes[HIDDEN] = adapter.hidden_size
         self.gates = gate_set(sizes)
         self.mapping = identity_map(adapter.hidden_size)
-        self._current: dict[Site, torch.Tensor] = {}
+        self._current: dict = {}
         self._hooks = [self._hook(site) for site in self.sites]
+        if self.hidden:
+            self._hooks += self._hidden_hooks()
         self.trimmed = 0
 
     def _hook(self, site: Site):
@@ -69,6 +82,29 @@ class CoFiStudent(GatedStudent):
             return None if z is None else (args[0] * z.repeat_interleave(width).to(args[0].dtype),)
 
         return module.register_forward_pre_hook(scale_inputs)
+
+    def _hidden_hooks(self) -> list:
+        def scale_output(_module, _args, output):
+            z = self._current.get(HIDDEN)
+            return None if z is None else output * z.to(output.dtype)
+
+        def gated_norm(module, args, output):
+            z = self._current.get(HIDDEN)
+            if z is None:
+                return None
+            return L.norm_over(module, args[0], (z != 0).nonzero().flatten()) * z.to(output.dtype)
+
+        writers = [self.adapter.output_projection(*site) for site in self.sites]
+        hooks = [m.register_forward_hook(scale_output) for m in self.adapter.stream_sources() + writers]
+        return hooks + [m.register_forward_hook(gated_norm) for m in self.adapter.stream_norms()]
+
+    def hidden_gates(self, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The hidden dimensions' gates: sampled in training; 0 or 1 at the end (a soft value
+        would have to be folded into embeddings that an LM head may share)."""
+        if not self.hidden:
+            return None
+        gates = self.gates[HIDDEN]
+        return gates(generator) if self.training else (gates.deterministic() > 0).to(gates.log_alpha.dtype)
 
     def site_gates(self, generator: torch.Generator | None = None) -> dict[Site, torch.Tensor]:
         """Per unit: its gate times its block's gate (sampled in training, deterministic in eval)."""
@@ -87,7 +123,7 @@ class CoFiStudent(GatedStudent):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "output_hidden_states": True}
         with torch.no_grad():
             teacher_out = self.teacher[0](**inputs)
-        self._current = self.site_gates(generator)
+        self._current = self.site_gates(generator) | {HIDDEN: self.hidden_gates(generator)}
         try:
             student_out = self.model(**inputs)
         finally:
@@ -100,11 +136,13 @@ class CoFiStudent(GatedStudent):
         return loss, parts
 
     def expected_kept(self) -> torch.Tensor:
+        width = self.gates[HIDDEN].keep_probability().sum() if self.hidden else None
         total = torch.zeros(())
         for i, kind in self.sites:
             p_block = self.gates[_block_key((i, kind))].keep_probability()[0]
             p_units = self.gates[_unit_key((i, kind))].keep_probability().sum()
-            total = total + p_block * p_units * unit_macs(self.geoms[i], kind, self.seq_len)
+            geom = self.geoms[i] if width is None else replace(self.geoms[i], d=width)
+            total = total + p_block * p_units * unit_macs(geom, kind, self.seq_len)
         return total / prunable_macs(self.geoms, self.seq_len)
 
     def close(self) -> None:
@@ -115,26 +153,36 @@ class CoFiStudent(GatedStudent):
     @torch.no_grad()
     def finish(self, budget: float) -> Masks:
         """Cut the model in place: deterministic masks, trimmed to the budget if the gates overshoot
-        it (`self.trimmed` units), kept gate values folded into the output projections, then the
-        core's surgery. Returns the masks."""
+        it (`self.trimmed` units), kept gate values folded into the output projections, the core's
+        surgery, then the closed hidden dimensions. Returns the masks."""
         self.close()
         self.eval()
         values = self.site_gates()
-        trimmed = trim_to_budget(values, self.geoms, budget, self.seq_len)
+        hidden = self.hidden_gates()
+        kept_hidden = None if hidden is None else hidden.nonzero().flatten()
+        geoms = self.geoms if kept_hidden is None else [replace(g, d=len(kept_hidden)) for g in self.geoms]
+        self.trimmed = trim_to_budget(values, geoms, budget * prunable_macs(self.geoms, self.seq_len), self.seq_len)
         for site, z in values.items():
             module = self.adapter.output_projection(*site)
             width = self.geoms[site[0]].width(site[1])
             L.assign(module, L.weight_of(module) * z.repeat_interleave(width).to(L.weight_of(module).dtype), None)
         masks = Masks({site: z > 0 for site, z in values.items()})
         apply_pruning(self.adapter, masks)
-        self.trimmed = trimmed
+        if kept_hidden is not None and len(kept_hidden) < self.adapter.hidden_size:
+            self.adapter.cut_hidden(kept_hidden)
         return masks
 
 
-def trim_to_budget(values: dict[Site, torch.Tensor], geoms, budget: float, seq_len: float) -> int:
-    """Zero the smallest nonzero gates, one unit at a time, until the kept MACs fit the budget.
-    Gates trained to the budget land within a few units of it; this makes 'never above' exact."""
-    limit = budget * prunable_macs(geoms, seq_len) * (1 + 1e-12)
+def has_output_head(model: nn.Module) -> bool:
+    """An LM head or a classifier maps the stream to the model's output."""
+    return model.get_output_embeddings() is not None or has_classifier(model)
+
+
+def trim_to_budget(values: dict[Site, torch.Tensor], geoms, limit: float, seq_len: float) -> int:
+    """Zero the smallest nonzero gates, one unit at a time, until the kept MACs (of units in
+    `geoms`, the cut model's shapes) fit `limit` MACs. Gates trained to the budget land within a
+    few units of it; this makes 'never above' exact."""
+    limit = limit * (1 + 1e-12)
     total = sum(int((z > 0).sum()) * unit_macs(geoms[i], kind, seq_len) for (i, kind), z in values.items())
     if total <= limit:
         return 0

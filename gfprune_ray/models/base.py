@@ -19,6 +19,7 @@ from torch import nn
 from . import layers as L
 
 Kind = Literal["attn", "ffn"]
+HIDDEN_KEY = "gfprune_hidden"  # config key: width of the residual stream once hidden dimensions are cut
 KINDS: tuple[Kind, Kind] = ("attn", "ffn")
 
 
@@ -96,6 +97,12 @@ class Adapter:
     ffn_block_path: ClassVar[str | None] = None  # None: zero-width nn.Linear layers already work
     # BERT keeps its attention output projection (and LayerNorm) outside the replaced module
     out_proj_outside_attn_block: ClassVar[bool] = False
+    # the residual stream, for cutting hidden dimensions (CoFi); families that leave these empty
+    # do not support it. Paths relative to the base model (sources: embedding tables summed into
+    # the stream; norms: every normalization of the stream) or to one layer (layer norms).
+    stream_source_paths: ClassVar[tuple[str, ...]] = ()
+    stream_norm_paths: ClassVar[tuple[str, ...]] = ()
+    layer_norm_paths: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -113,6 +120,16 @@ class Adapter:
         """Linear layers applied to one token per sequence (poolers, classifiers): for MACs."""
         return []
 
+    def stream_readers(self) -> list[tuple[nn.Module, str]]:
+        """(parent, attribute) of the linear layers outside the blocks that read the stream: the
+        LM head by default; families add poolers and classifier heads."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            return []
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        parent, _, attr = name.rpartition(".")
+        return [(self.model.get_submodule(parent) if parent else self.model, attr)]
+
     def max_positions(self) -> int | None:
         """Longest sequence the model's positions allow (None if the config names no limit)."""
         limit = getattr(self.config, "max_position_embeddings", None)
@@ -120,7 +137,8 @@ class Adapter:
 
     @property
     def hidden_size(self) -> int:
-        return self.config.hidden_size
+        """Width of the residual stream as it is now (CoFi may have cut hidden dimensions)."""
+        return getattr(self.config, HIDDEN_KEY, None) or self.config.hidden_size
 
     @property
     def heads_per_unit(self) -> int:
@@ -129,7 +147,7 @@ class Adapter:
 
     @property
     def head_dim(self) -> int:
-        return getattr(self.config, "head_dim", None) or self.hidden_size // self.config.num_attention_heads
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
 
     # ---- attention inputs: overridden by fused-QKV families (GPT-2) ----------------------------
     def attention_inputs(self, i: int) -> list[torch.Tensor]:
@@ -260,6 +278,55 @@ class Adapter:
                     constant.bias.copy_(bias.to(constant.bias.dtype))
             return
         L.assign(out, weight, bias)
+
+    # ---- hidden dimensions: the width of the residual stream ----------------------------------
+    @property
+    def supports_hidden_cut(self) -> bool:
+        """Declared by the family, and the embeddings write the stream directly (no projection
+        between them, as ELECTRA-small and OPT-350m have)."""
+        return bool(self.stream_source_paths) and self.model.get_input_embeddings().embedding_dim == self.hidden_size
+
+    def stream_sources(self) -> list[nn.Module]:
+        return [self.base.get_submodule(p) for p in self.stream_source_paths]
+
+    def stream_norms(self) -> list[nn.Module]:
+        """Every normalization of the residual stream, in and outside the blocks."""
+        inside = [layer.get_submodule(p) for layer in self.layers() for p in self.layer_norm_paths]
+        return [self.base.get_submodule(p) for p in self.stream_norm_paths] + inside
+
+    def cut_hidden(self, keep: torch.Tensor) -> None:
+        """Keep only the residual-stream dimensions `keep`, everywhere the stream is read or written."""
+        if not self.supports_hidden_cut:
+            raise ValueError(f"{type(self).__name__} cannot cut hidden dimensions")
+        keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+        tied = self.model.get_output_embeddings() is not None and self.model.get_output_embeddings().weight is self.model.get_input_embeddings().weight
+        for path in self.stream_source_paths:
+            set_path(self.base, path, L.sliced_embedding(self.base.get_submodule(path), keep))
+        for path in self.stream_norm_paths:
+            set_path(self.base, path, L.sliced_norm(self.base.get_submodule(path), keep))
+        for i, layer in enumerate(self.layers()):
+            for path in self.layer_norm_paths:
+                set_path(layer, path, L.sliced_norm(layer.get_submodule(path), keep))
+            self._cut_block_hidden(i, layer, keep)
+        for parent, attr in self.stream_readers():
+            setattr(parent, attr, L.sliced(getattr(parent, attr), cols=keep))
+        if tied:  # an LM head tied to the input embeddings stays tied
+            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+        setattr(self.config, HIDDEN_KEY, len(keep))
+
+    def _cut_block_hidden(self, i: int, layer: nn.Module, keep: torch.Tensor) -> None:
+        attn_readers = [] if self.attention_removed(i) else ([self.fused_qkv_path] if self.fused_qkv_path else [self.q_path, self.k_path, self.v_path])
+        ffn_readers = [] if self.ffn_removed(i) else list(self.ffn_in_paths)
+        for path in attn_readers + ffn_readers:
+            set_path(layer, path, L.sliced(get_path(layer, path), cols=keep))
+        for kind in KINDS:
+            out = self.output_projection(i, kind)
+            if out is not None:
+                set_path(layer, self.o_path if kind == "attn" else self.ffn_out_path, L.sliced(out, rows=keep))
+        for path in (self.attn_block_path, self.ffn_block_path):
+            block = get_path(layer, path) if path else None
+            if isinstance(block, L.ConstantOutput) and block.width:
+                block.narrow(keep)
 
     def sizes(self) -> list[list[int]]:
         """Per-layer [attention units, FFN neurons]: what a saved config must carry."""

@@ -17,6 +17,9 @@ class BertAdapter(Adapter):
     ffn_out_path = "output.dense"
     attn_block_path = "attention.self"
     out_proj_outside_attn_block = True  # attention.output keeps its LayerNorm over (bias + residual)
+    stream_source_paths = ("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings")
+    stream_norm_paths = ("embeddings.LayerNorm",)
+    layer_norm_paths = ("attention.output.LayerNorm", "output.LayerNorm")
 
     def layers(self) -> nn.ModuleList:
         return self.base.encoder.layer
@@ -31,6 +34,16 @@ class BertAdapter(Adapter):
         if limit is not None and self.config.model_type != "bert" and self.config.model_type != "electra":
             limit -= (self.config.pad_token_id or 0) + 1  # RoBERTa numbers positions from pad_token_id + 1
         return limit
+
+    def stream_readers(self) -> list[tuple[nn.Module, str]]:
+        found = super().stream_readers()
+        pooler = getattr(self.base, "pooler", None)
+        if pooler is not None:
+            found.append((pooler, "dense"))
+        classifier = getattr(self.model, "classifier", None)
+        if classifier is not None and hasattr(classifier, "out_proj"):  # RoBERTa's head reads <s> itself
+            found.append((classifier, "dense"))
+        return found
 
     def per_sequence_modules(self) -> list[nn.Module]:
         found = []

@@ -18,6 +18,9 @@ class GPT2Adapter(Adapter):
     ffn_out_path = "mlp.c_proj"
     attn_block_path = "attn"
     ffn_block_path = "mlp"  # a Conv1D cannot take a zero-width input, so an empty FFN becomes a constant
+    stream_source_paths = ("wte", "wpe")
+    stream_norm_paths = ("ln_f",)
+    layer_norm_paths = ("ln_1", "ln_2")
 
     def layers(self) -> nn.ModuleList:
         return self.base.h

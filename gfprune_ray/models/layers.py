@@ -6,6 +6,8 @@ Weights are always handled in nn.Linear layout, (out_features, in_features).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -93,6 +95,40 @@ def assign(module: LinearLike, weight: torch.Tensor, bias: torch.Tensor | None) 
             module.bias.copy_(bias.to(module.bias.dtype))
 
 
+def sliced_embedding(module: nn.Embedding, keep: torch.Tensor) -> nn.Embedding:
+    """The embedding table with only the dimensions `keep`."""
+    new = nn.Embedding(module.num_embeddings, len(keep), padding_idx=module.padding_idx, dtype=module.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(module.weight[:, keep])
+    return new
+
+
+def sliced_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A LayerNorm or RMSNorm over only the dimensions `keep` (its statistics too)."""
+    new = copy.deepcopy(module)
+    with torch.no_grad():
+        new.weight = nn.Parameter(module.weight[keep].clone())
+        if getattr(module, "bias", None) is not None:
+            new.bias = nn.Parameter(module.bias[keep].clone())
+    if isinstance(new, nn.LayerNorm):
+        new.normalized_shape = (len(keep),)
+    return new
+
+
+def norm_over(module: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """What `sliced_norm(module, keep)` computes on x[..., keep], scattered back into a zero tensor
+    of x's shape: the norm of a stream whose other dimensions are gated off."""
+    sub = x.index_select(-1, keep)
+    if isinstance(module, nn.LayerNorm):
+        bias = module.bias[keep] if module.bias is not None else None
+        y = nn.functional.layer_norm(sub, (len(keep),), module.weight[keep], bias, module.eps)
+    else:  # RMSNorm (Llama family): statistics in float32, as transformers computes them
+        eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+        h = sub.float()
+        y = module.weight[keep] * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return torch.zeros_like(x).index_copy(-1, keep, y.to(x.dtype))
+
+
 def unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
     """Row indices of whole units of `width` consecutive rows (heads, KV groups)."""
     offsets = torch.arange(width)
@@ -113,6 +149,12 @@ class ConstantOutput(nn.Module):
         self.returns_tuple = returns_tuple
         self.layer_idx = layer_idx
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def narrow(self, keep: torch.Tensor) -> None:
+        """Keep only the output dimensions `keep` (the residual stream lost the others)."""
+        self.width = len(keep)
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.detach()[keep].clone())
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         shape = (*hidden_states.shape[:-1], self.width)

@@ -23,6 +23,9 @@ class LlamaAdapter(Adapter):
     ffn_in_paths = ("mlp.gate_proj", "mlp.up_proj")
     ffn_out_path = "mlp.down_proj"
     attn_block_path = "self_attn"
+    stream_source_paths = ("embed_tokens",)
+    stream_norm_paths = ("norm",)
+    layer_norm_paths = ("input_layernorm", "post_attention_layernorm")
 
     def layers(self) -> nn.ModuleList:
         return self.base.layers
