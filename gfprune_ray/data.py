@@ -222,3 +222,20 @@ def mean_tokens_per_sequence(batches: list[dict[str, torch.Tensor]]) -> float:
 
     lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).to(torch.float64)
     return float(lengths.mean())
+
+
+def with_labels(batches: list[dict[str, torch.Tensor]], labels: list[int] | None) -> list[dict[str, torch.Tensor]]:
+    """The batches with each row's integer label as `labels` (a classifier's cross-entropy in
+    training); unchanged when there are no labels."""
+    if labels is None:
+        return batches
+    import torch
+
+    out, offset = [], 0
+    for batch in batches:
+        n = len(batch["input_ids"])
+        out.append(batch | {"labels": torch.tensor(labels[offset : offset + n], dtype=torch.long)})
+        offset += n
+    if offset != len(labels):
+        raise ValueError(f"{len(labels)} labels for {offset} rows")
+    return out

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
-from .data import Examples, batches_fingerprint, mean_tokens_per_sequence, read_examples, split_examples, tokenize
+from .data import Examples, batches_fingerprint, mean_tokens_per_sequence, read_examples, split_examples, tokenize, with_labels
 from .errors import UserError
 from .evaluate import QualityReference, efficiency
 from .flops import check_budget
@@ -169,7 +169,7 @@ def _plan(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | N
     return result, record
 
 
-def _train(source: str, batches: list[dict], opts: PruneOptions, out: Path, timings: dict):
+def _train(source: str, batches: list[dict], labels: list[int] | None, opts: PruneOptions, out: Path, timings: dict):
     """CoFi or FLOP under Ray Train (embedded local Ray unless RAY_ADDRESS names a cluster).
     Checkpoints go beside `out`, so a killed run resumes when the same command runs again; they are
     removed once the model is saved. Returns (cut model, summary, calibration record)."""
@@ -181,11 +181,11 @@ def _train(source: str, batches: list[dict], opts: PruneOptions, out: Path, timi
 
     seq_len = mean_tokens_per_sequence(batches)
     options = {k: v for k, v in asdict(opts).items() if k not in ("checkpoint_every", "latency_repeats", "eval_samples")}
-    settings = {"source": source, "options": options, "batches": batches_fingerprint(batches)}
+    settings = {"source": source, "options": options, "batches": batches_fingerprint(batches), "labels": labels}
     name = f"{opts.method}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
     storage = Path(out).absolute().parent / f".{Path(out).name}.train"
     schedule = Schedule(steps=opts.steps, budget=opts.budget, seed=opts.seed, checkpoint_every=opts.checkpoint_every)
-    job = TrainJob(source, opts.method, schedule, batches, seq_len, name, str(storage), threads=os.cpu_count() or 1)
+    job = TrainJob(source, opts.method, schedule, with_labels(batches, labels), seq_len, name, str(storage), threads=os.cpu_count() or 1)
     started = not ray.is_initialized()
     farm.connect()
     try:
@@ -221,7 +221,8 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
             if stats_path is not None:
                 raise UserError(f"--stats does not apply to {opts.method}: it trains gates instead of collecting statistics")
             dense = adapter
-            model, summary, calibration_record, outcome, storage = _train(source, calib_batches, opts, out, timings)
+            calib_labels = split_examples(examples, opts.samples, opts.eval_samples, opts.seed)[0].labels
+            model, summary, calibration_record, outcome, storage = _train(source, calib_batches, calib_labels, opts, out, timings)
             adapter = adapter_for(model)
             masks_json, curve = outcome["masks"], outcome["curve"]
         else:

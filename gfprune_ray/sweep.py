@@ -19,6 +19,7 @@ import ray
 from . import __version__
 from . import farm, surgeon_farm, train_farm
 from .campaign import Campaign, ModelEntry, Unit
+from .data import with_labels
 from .errors import UserError
 from .methods import SURGEON, TRAINED_METHODS
 from .progress import StageProgress
@@ -108,7 +109,9 @@ class Sweep:
             shards = shard(calib, self.c.workers)  # Ray Data tasks: before any actor takes a CPU
             work.actors = farm.start_collectors(source, len(shards), long_lived=True)
         if work.units_of("trained"):
-            work.train_batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in iter_torch_batches(calib, self.c.batch_size)]
+            batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in iter_torch_batches(calib, self.c.batch_size)]
+            labels = [int(r["label"]) for r in calib.select_columns(["label"]).iter_rows()] if "label" in calib.columns() else None
+            work.train_batches = with_labels(batches, labels)
         if work.units_of("scored"):
             self._statistics(work, calib)
         self.submit_units(work, evaluation, shards)

@@ -118,6 +118,18 @@ def test_shots_key_only_llm_surgeon_units_and_reconstruction_does_not(folder):
         load_campaign(models=folder / "models.txt", shots=0)
 
 
+def test_steps_key_only_training_units_and_checkpoint_interval_keys_nothing(folder):
+    (folder / "models.txt").write_text("a-model method=gfp,cofi,flop\n")
+    keys = lambda **options: {u.method: u.key for u in load_campaign(models=folder / "models.txt", budgets=[0.6], **options).units()}
+    base = keys()
+    assert keys(steps=10)["gfp"] == base["gfp"]
+    assert keys(steps=10)["cofi"] != base["cofi"] and keys(steps=10)["flop"] != base["flop"]
+    assert keys(checkpoint_every=7) == base, "how often a run checkpoints does not change its result"
+    assert keys(reconstruction="scale")["cofi"] == base["cofi"], "cofi trains its own weights"
+    with pytest.raises(UserError, match="steps"):
+        load_campaign(models=folder / "models.txt", steps=0)
+
+
 def test_repeated_model_names_get_distinct_output_names(folder):
     (folder / "models.txt").write_text("org/model seq-len=32\norg/model seq-len=64\n")
     campaign = load_campaign(models=folder / "models.txt", budgets=[0.5])

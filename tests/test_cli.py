@@ -142,6 +142,7 @@ def test_eval_writes_eval_json(ws):
         (["--help"], ["prune", "eval", "Prune MODEL to a MACs budget", "Measure a pruned model"]),
         (["prune", "--help"], ["model", "--out", "--data", "--budget", "--method", "--reconstruct", "--allocation",
                                "--samples", "--eval-samples", "--seq-len", "--batch-size", "--seed", "--stats", "--force", "--shots", "llm-surgeon",
+                               "--steps", "--checkpoint-every", "cofi or flop", "about 10000",
                                "Fraction of the prunable MACs to keep", "full, scale or none", "gfp, gfp-r2", "pydoc"]),
         (["eval", "--help"], ["path", "--data", "--dense", "--eval-samples", "--samples", "--seq-len", "--seed",
                               "A folder written by", "Dense model to compare with"]),
@@ -149,6 +150,10 @@ def test_eval_writes_eval_json(ws):
     ids=["app", "prune", "eval"],
 )
 def test_help(args, expected):
+    from gfprune_ray import cli
+    from gfprune_ray.methods import trained
+
+    assert (cli.STEPS_CPU, cli.CHECKPOINT_EVERY) == (trained.STEPS_CPU, trained.CHECKPOINT_EVERY), "the help's defaults are the code's"
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     assert "Usage" in result.stdout

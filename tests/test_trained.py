@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from conftest import tiny_batches, tiny_model
+from gfprune_ray.data import with_labels
 from gfprune_ray.flops import counted_macs, model_macs, prunable_macs, unit_macs
 from gfprune_ray.gates import HardConcreteGates, target_at
 from gfprune_ray.methods.cofi import CoFiStudent, _block_key, _unit_key
@@ -230,3 +231,14 @@ def test_cofi_cutting_hidden_dimensions_gives_the_gated_model_and_loads_back(nam
 
 def test_a_bare_encoder_keeps_its_hidden_width():
     assert not CoFiStudent(adapter_for(tiny_model("bert")), SEQ).hidden  # its output is the stream
+
+
+def test_cofi_adds_cross_entropy_where_a_classifier_has_labels():
+    batch = with_labels(tiny_batches(1), [0, 2, 1, 1])[0]
+    student = CoFiStudent(adapter_for(tiny_model("bert-cls")), SEQ)
+    student.eval()
+    with_ce, parts = student.task_loss(batch, None)
+    without, _ = student.task_loss({k: v for k, v in batch.items() if k != "labels"}, None)
+    assert parts["label_loss"] > 0 and float(with_ce - without) == pytest.approx(parts["label_loss"], rel=1e-5)
+    lm = CoFiStudent(adapter_for(tiny_model("gpt2")), SEQ)
+    assert "label_loss" not in lm.task_loss(batch, None)[1], "an LM's logits are per token: labels do not apply"

@@ -129,10 +129,10 @@ class CoFiStudent(GatedStudent):
         finally:
             self._current = {}
         loss, parts = distillation_loss(student_out, teacher_out, self.mapping, batch["attention_mask"])
-        if "labels" in batch and getattr(student_out, "logits", None) is not None:
+        if "labels" in batch and has_classifier(self.model):
             ce = nn.functional.cross_entropy(student_out.logits, batch["labels"])
             loss = loss + ce
-            parts["label_loss"] = float(ce)
+            parts["label_loss"] = ce.item()
         return loss, parts
 
     def expected_kept(self) -> torch.Tensor:
