@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reconstructions", default="full,none")
     p.add_argument("--surgeon-shots", default="1,5", help="llm-surgeon runs, one per shot count (empty: none)")
     p.add_argument("--surgeon-budgets", default=None, help="budgets of the llm-surgeon runs (default: --budgets)")
-    p.add_argument("--trained", default="cofi,flop", help="training-based methods (empty: none)")
+    p.add_argument("--trained", default="", help="training-based methods, e.g. cofi,flop (default: none; make bench runs them apart)")
     p.add_argument("--trained-budgets", default=None, help="budgets of the training runs (default: --budgets)")
     p.add_argument("--steps", type=int, default=STEPS_CPU, help="training steps of cofi and flop")
     p.add_argument("--train-batch-size", type=int, default=16, help="sequences per training step")

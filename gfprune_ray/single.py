@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -190,9 +191,17 @@ def _train(source: str, batches: list[dict], labels: list[int] | None, opts: Pru
     farm.connect()
     try:
         start = time.perf_counter()
-        with bar("train", 1) as step:
-            folder = fit(job, cpus_per_worker=ray.cluster_resources().get("CPU", 1))
-            step()
+        job.counter = farm.Counter.remote()
+        with ThreadPoolExecutor(1) as pool, bar("train", opts.steps) as step:
+            running = pool.submit(fit, job, cpus_per_worker=ray.cluster_resources().get("CPU", 1))
+            shown = 0
+            while not running.done():  # the trainer blocks its thread; this one draws the steps
+                done = ray.get(job.counter.value.remote())
+                for _ in range(done - shown):
+                    step()
+                shown = max(shown, done)
+                time.sleep(0.5)
+            folder = running.result()
         timings["train_s"] = time.perf_counter() - start
         model, outcome = read_outcome(folder)
     finally:

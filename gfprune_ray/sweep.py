@@ -85,9 +85,10 @@ class Sweep:
     def __init__(self, campaign: Campaign, tracker: Tracker, progress: StageProgress):
         self.c, self.tracker, self.progress = campaign, tracker, progress
         self.in_flight: dict[ray.ObjectRef, tuple[Unit, ModelWork]] = {}
-        self.stage_refs: dict[str, list] = {s: [] for s in ("score", "search", "reconstruct", "train", "evaluate")}
+        self.stage_refs: dict[str, list] = {s: [] for s in ("score", "search", "reconstruct", "evaluate")}
         self.collecting: list[ModelWork] = []
         self.counter = None
+        self.train_counter = None
         self.failures: list[str] = []
 
     # ---- preparing a model -----------------------------------------------------------------
@@ -165,9 +166,12 @@ class Sweep:
     def _submit_training(self, unit: Unit, work: ModelWork, ref) -> None:
         c = self.c
         schedule = Schedule(steps=c.steps, budget=unit.budget, seed=c.seed, checkpoint_every=c.checkpoint_every)
-        job = TrainJob(unit.entry.source, unit.method, schedule, work.train_batches, work.mean_seq_len, unit.key, str(self._train_storage()))
+        if self.train_counter is None:
+            self.train_counter = farm.Counter.remote()
+        job = TrainJob(unit.entry.source, unit.method, schedule, work.train_batches, work.mean_seq_len, unit.key,
+                       str(self._train_storage()), counter=self.train_counter)
         trained = train_farm.train_unit.remote(job, farm.gpus_available())
-        self._track("train", [trained])
+        self.progress.add("train", c.steps)  # the bar counts training steps, reported by the workers
         spec = farm.EvalSpec(unit.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, c.save_models, self._record(unit, work))
         result = train_farm.evaluate_trained.remote(spec, ref, trained)
         self._track("evaluate", [result])
@@ -205,6 +209,8 @@ class Sweep:
         """Advance the bars, cache finished statistics, record finished units."""
         if self.counter is not None:
             self.progress.set_done("collect", ray.get(self.counter.value.remote()))
+        if self.train_counter is not None:
+            self.progress.set_done("train", ray.get(self.train_counter.value.remote()))
         for stage, refs in self.stage_refs.items():
             if refs:
                 ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)

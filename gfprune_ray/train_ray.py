@@ -38,6 +38,7 @@ class TrainJob:
     name: str  # the same name in the same storage resumes from the latest checkpoint
     storage: str
     threads: int = 1
+    counter: object = None  # a farm.Counter actor: rank 0 adds 1 per step, for the driver's bar
 
 
 def _metrics(row: dict) -> dict:
@@ -88,7 +89,11 @@ def train_loop(config: dict) -> None:
     for teacher in getattr(student, "teacher", []):
         teacher.to(device)
     batches = [{k: v.to(device) for k, v in b.items()} for b in job.batches]
-    run_training(training, batches, checkpoint=lambda t: _report(t, rank), rank=rank, world=world)
+    on_step = None
+    if job.counter is not None and rank == 0:
+        job.counter.add.remote(training.step)  # steps a resumed run has already done
+        on_step = lambda _row: job.counter.add.remote(1)  # noqa: E731
+    run_training(training, batches, on_step=on_step, checkpoint=lambda t: _report(t, rank), rank=rank, world=world)
     masks = finish(student, job.schedule.budget)
     model = student.model.cpu()
     outcome = {
