@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := -q -c constraints.txt
 
-.PHONY: install demo demo-train test bench clean
+.PHONY: install demo test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,19 +24,13 @@ demo: $(STAMP)
 		--methods gfp,fluctuation,magnitude,llm-surgeon --experiment demo --out runs/demo
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'demo')"
 
-# The training-based methods on the same model and text: cofi and flop at budget 0.5, 100 steps of
-# 16 sequences each (Ray Train, one CPU worker per unit; loss curves in MLflow).
-demo-train: $(STAMP)
-	$(BIN)/gfprune-ray sweep --models examples/models.txt --data pydoc --budgets 0.5 --methods cofi,flop \
-		--steps 100 --batch-size 16 --experiment demo-train --out runs/demo-train
-
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
-	$(BIN)/python bench/core.py --budgets 0.7,0.5,0.3 --methods gfp --ablations "" --reconstructions full \
-		--surgeon-shots 5 --trained cofi,flop --out bench/results/trained.json
+	$(BIN)/python bench/core.py --budgets 0.5 --methods gfp --ablations "" --reconstructions full \
+		--surgeon-shots "" --trained cofi,flop --out bench/results/trained.json
 	$(BIN)/python bench/farm.py
 
 clean:

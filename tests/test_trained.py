@@ -190,7 +190,7 @@ def test_cofi_distillation_loss_is_zero_for_the_dense_student_and_gates_only_in_
             gates.log_alpha.fill_(40.0)  # every gate is 1 (to float precision) in eval
     student.eval()
     loss, parts = student.task_loss(tiny_batches(1)[0], None)
-    assert float(loss) == pytest.approx(0.0, abs=1e-8)
+    assert loss.item() == pytest.approx(0.0, abs=1e-8)
     assert parts["matching"] == [0, 1]  # teacher layer i is matched by student layer i
     dense = copy.deepcopy(adapter.model)
     student.close()
