@@ -172,15 +172,17 @@ def _plan(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | N
 
 def _train(source: str, batches: list[dict], labels: list[int] | None, opts: PruneOptions, out: Path, timings: dict):
     """CoFi or FLOP under Ray Train (embedded local Ray unless RAY_ADDRESS names a cluster).
-    Checkpoints go beside `out`, so a killed run resumes when the same command runs again; they are
-    removed once the model is saved. Returns (cut model, summary, calibration record)."""
+    Checkpoints go beside `out`, so a killed run resumes when the same command runs again; the
+    caller removes them once the model is saved. Returns (cut model, summary metrics, calibration
+    record, outcome with masks and loss curve, checkpoint folder)."""
     import ray
 
     from . import farm
-    from .train_ray import TrainJob, fit, read_outcome
+    from .train_ray import TrainJob, read_outcome
     from .training import Schedule
 
     seq_len = mean_tokens_per_sequence(batches)
+    # the run's name: everything that changes its result, so a changed command starts afresh
     options = {k: v for k, v in asdict(opts).items() if k not in ("checkpoint_every", "latency_repeats", "eval_samples")}
     settings = {"source": source, "options": options, "batches": batches_fingerprint(batches), "labels": labels}
     name = f"{opts.method}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
@@ -191,17 +193,7 @@ def _train(source: str, batches: list[dict], labels: list[int] | None, opts: Pru
     farm.connect()
     try:
         start = time.perf_counter()
-        job.counter = farm.Counter.remote()
-        with ThreadPoolExecutor(1) as pool, bar("train", opts.steps) as step:
-            running = pool.submit(fit, job, cpus_per_worker=ray.cluster_resources().get("CPU", 1))
-            shown = 0
-            while not running.done():  # the trainer blocks its thread; this one draws the steps
-                done = ray.get(job.counter.value.remote())
-                for _ in range(done - shown):
-                    step()
-                shown = max(shown, done)
-                time.sleep(0.5)
-            folder = running.result()
+        folder = _fit_with_progress(job, opts.steps)
         timings["train_s"] = time.perf_counter() - start
         model, outcome = read_outcome(folder)
     finally:
@@ -209,11 +201,30 @@ def _train(source: str, batches: list[dict], labels: list[int] | None, opts: Pru
             ray.shutdown()
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     record = {"stats_fingerprint": None, "stats_reused": False, "calibration_tokens": tokens, "mean_seq_len": seq_len}
-    curve = outcome["curve"]
-    summary = {"kept_prunable_macs": outcome["kept_prunable_macs"], "trimmed": outcome["trimmed"], "train_steps": len(curve),
-               "final_loss": curve[-1]["task_loss"] if curve else None, "final_expected_kept": curve[-1]["expected_kept"] if curve else None}
+    last = outcome["curve"][-1]
+    summary = {"kept_prunable_macs": outcome["kept_prunable_macs"], "trimmed": outcome["trimmed"], "train_steps": len(outcome["curve"]),
+               "final_loss": last["task_loss"], "final_expected_kept": last["expected_kept"]}
     return model, summary, record, outcome, storage
 
+
+def _fit_with_progress(job, steps: int) -> Path:
+    """`train_ray.fit` in a thread while this one draws a bar of the steps the worker reports."""
+    import ray
+
+    from . import farm
+    from .train_ray import fit
+
+    job.counter = farm.Counter.remote()
+    with ThreadPoolExecutor(1) as pool, bar("train", steps) as step:
+        running = pool.submit(fit, job, cpus_per_worker=ray.cluster_resources().get("CPU", 1))
+        shown = 0
+        while not running.done():
+            done = ray.get(job.counter.value.remote())
+            for _ in range(done - shown):
+                step()
+            shown = max(shown, done)
+            time.sleep(0.5)
+        return running.result()
 
 
 def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_path: Path | None = None, force: bool = False) -> dict:
