@@ -18,7 +18,7 @@ from gfprune_ray.data import read_examples, tokenize
 from gfprune_ray.evaluate import fidelity, sentence_embeddings
 from gfprune_ray.loading import load_model
 from gfprune_ray.methods.cofi import _block_key, _unit_key
-from gfprune_ray.methods.trained import finish, kept_fraction, student_for
+from gfprune_ray.methods.trained import kept_fraction, student_for
 from gfprune_ray.models import adapter_for
 from gfprune_ray.training import GatedTraining, Schedule, run_training
 
@@ -49,7 +49,7 @@ def main() -> None:
         kept_neurons, la = neurons.keep_probability().sum().item(), neurons.log_alpha
         print(f"layer {i}: P(attention block) {p['attn']:.2f}, heads {heads:.1f}/{geoms[i].units}, P(FFN block) {p['ffn']:.2f}, "
               f"neurons {kept_neurons:.0f}/{geoms[i].ffn}, neuron log_alpha {la.min().item():.1f}..{la.max().item():.1f}")
-    finish(student, budget)
+    student.finish(budget)
     cut = fidelity(reference, sentence_embeddings(model, evaluation))
     kept = kept_fraction(adapter, geoms, SEQ_LEN)
     first, last = training.curve[0]["task_loss"], training.curve[-1]["task_loss"]

@@ -26,7 +26,7 @@ from gfprune_ray.evaluate import QualityReference, efficiency
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
 from gfprune_ray.pipeline import calibrate, plan_llm_surgeon, reconstruct_sites, score_sites, search_masks
-from gfprune_ray.methods.trained import STEPS_CPU, finish, kept_fraction, student_for
+from gfprune_ray.methods.trained import STEPS_CPU, kept_fraction, student_for
 from gfprune_ray.single import PruneOptions, prepare_batches
 from gfprune_ray.surgery import apply_pruning
 from gfprune_ray.training import GatedTraining, Schedule, run_training
@@ -116,7 +116,7 @@ def run_trained(ctx: dict, method: str, budget: float, args) -> dict:
     start = time.perf_counter()
     training = GatedTraining(student_for(method, adapter, seq_len), Schedule(steps=args.steps, budget=budget))
     run_training(training, batches)
-    finish(training.student, budget)
+    training.student.finish(budget)
     prune_s = time.perf_counter() - start
     row = dict(method=method, budget=budget, reconstruction=f"steps={args.steps}", allocation="global", steps=args.steps)
     row |= ctx["reference"].measure(adapter.model)

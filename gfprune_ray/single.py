@@ -150,6 +150,12 @@ def measure(dense_adapter, pruned_adapter, reference: QualityReference, opts: Pr
     return quality | efficiency(dense_adapter, pruned_adapter, seq_len=seq_len, repeats=opts.latency_repeats)
 
 
+def _uncached_record(batches: list[dict], seq_len: float) -> dict:
+    """The calibration record of a method that shares no statistics (llm-surgeon, cofi, flop)."""
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return {"stats_fingerprint": None, "stats_reused": False, "calibration_tokens": tokens, "mean_seq_len": seq_len}
+
+
 def _plan(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | None, timings: dict):
     """The pruning plan of `opts.method` and what to record about its calibration."""
     if opts.method == SURGEON:
@@ -159,8 +165,7 @@ def _plan(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | N
         with bar("curvature", len(batches) * opts.shots) as step:
             result = plan_llm_surgeon(adapter, batches, opts.budget, seq_len, opts.shots, opts.seed, on_batch=step)
         timings.update(result.timings)
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        return result, {"stats_fingerprint": None, "stats_reused": False, "calibration_tokens": tokens, "mean_seq_len": seq_len}
+        return result, _uncached_record(batches, seq_len)
     start = time.perf_counter()
     calibration, fingerprint, reused = obtain_statistics(adapter, batches, opts, stats_path)
     timings["collect_s"] = time.perf_counter() - start
@@ -199,8 +204,7 @@ def _train(source: str, batches: list[dict], labels: list[int] | None, opts: Pru
     finally:
         if started:
             ray.shutdown()
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    record = {"stats_fingerprint": None, "stats_reused": False, "calibration_tokens": tokens, "mean_seq_len": seq_len}
+    record = _uncached_record(batches, seq_len)
     last = outcome["curve"][-1]
     summary = {"kept_prunable_macs": outcome["kept_prunable_macs"], "trimmed": outcome["trimmed"], "train_steps": len(outcome["curve"]),
                "final_loss": last["task_loss"], "final_expected_kept": last["expected_kept"]}

@@ -158,7 +158,7 @@ class Sweep:
                 self._submit_evaluation(unit, work, ref, masks, recs, timings)
 
     def _submit_evaluation(self, unit: Unit, work: ModelWork, ref, masks, recs: list, timings=None) -> None:
-        spec = farm.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), self.c.latency_repeats, self.c.save_models, self._record(unit, work))
+        spec = self._eval_spec(unit, work)
         result = farm.evaluate_unit.remote(spec, ref, masks, *recs, timings=timings)
         self._track("evaluate", [result])
         self.in_flight[result] = (unit, work)
@@ -172,10 +172,13 @@ class Sweep:
                        str(self._train_storage()), counter=self.train_counter)
         trained = train_farm.train_unit.remote(job, farm.gpus_available())
         self.progress.add("train", c.steps)  # the bar counts training steps, reported by the workers
-        spec = farm.EvalSpec(unit.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, c.save_models, self._record(unit, work))
-        result = train_farm.evaluate_trained.remote(spec, ref, trained)
+        result = train_farm.evaluate_trained.remote(self._eval_spec(unit, work), ref, trained)
         self._track("evaluate", [result])
         self.in_flight[result] = (unit, work)
+
+    def _eval_spec(self, unit: Unit, work: ModelWork) -> farm.EvalSpec:
+        c = self.c
+        return farm.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, c.save_models, self._record(unit, work))
 
     def _train_storage(self) -> Path:
         return (self.c.out / ".train").absolute()

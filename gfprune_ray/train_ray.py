@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .methods.trained import finish, kept_fraction, student_for
+from .methods.trained import kept_fraction, student_for
 from .models import adapter_for
 from .training import GatedTraining, Schedule, run_training
 
@@ -94,12 +94,12 @@ def train_loop(config: dict) -> None:
         job.counter.add.remote(training.step)  # steps a resumed run has already done
         on_step = lambda _row: job.counter.add.remote(1)  # noqa: E731
     run_training(training, batches, on_step=on_step, checkpoint=lambda t: _report(t, rank), rank=rank, world=world)
-    masks = finish(student, job.schedule.budget)
+    masks = student.finish(job.schedule.budget)
     model = student.model.cpu()
     outcome = {
         "masks": masks.to_json(),
         "trimmed": student.trimmed,
-        "kept_prunable_macs": kept_fraction(adapter_for(model), dense_geoms, job.seq_len),
+        "kept_prunable_macs": kept_fraction(adapter, dense_geoms, job.seq_len),
         "curve": training.curve,
     }
     _report(training, rank, final=outcome, model=model)

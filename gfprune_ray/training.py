@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .gates import HardConcreteGates, Lagrangian, target_at
+from .search import Masks
 
 STATE_TENSORS = "training.safetensors"
 STATE_JSON = "training.json"
@@ -39,7 +40,7 @@ class Schedule:
     # faster multipliers overshoot and oscillate (the gates lag them through Adam's momentum)
     gate_lr: float = 0.05
     lambda_lr: float = 0.02
-    warmup: float = 0.5  # fraction of steps over which the target falls from 1 to the budget
+    warmup: float = 0.5  # fraction of steps over which the target falls to the budget
     checkpoint_every: int = 0  # steps between checkpoints; 0: none
     seed: int = 0
 
@@ -57,6 +58,11 @@ class GatedStudent(nn.Module):
         raise NotImplementedError
 
     def expected_kept(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, budget: float) -> Masks:
+        """Cut the model in place to the deterministic gates, never above `budget`; the masks of
+        attention units and neurons kept."""
         raise NotImplementedError
 
     def train(self, mode: bool = True) -> GatedStudent:

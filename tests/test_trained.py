@@ -17,7 +17,7 @@ from gfprune_ray.flops import counted_macs, model_macs, prunable_macs, unit_macs
 from gfprune_ray.gates import HardConcreteGates, target_at
 from gfprune_ray.methods.cofi import CoFiStudent, _block_key, _unit_key
 from gfprune_ray.methods.flop import FlopStudent, GatedFactorized, _key
-from gfprune_ray.methods.trained import finish, kept_fraction, student_for
+from gfprune_ray.methods.trained import kept_fraction, student_for
 from gfprune_ray.models import adapter_for
 from gfprune_ray.models import layers as L
 from gfprune_ray.surgery import load_pruned, save_pruned
@@ -78,7 +78,7 @@ def test_a_short_run_lands_on_the_budget(method, name, budget):
     geoms = adapter.geometries()
     training = run_training(GatedTraining(student_for(method, adapter, SEQ), Schedule(steps=200, budget=budget)), tiny_batches(4))
     assert training.curve[-1]["expected_kept"] == pytest.approx(budget, abs=0.03)  # the Lagrangian got it there
-    finish(training.student, budget)
+    training.student.finish(budget)
     kept = kept_fraction(adapter, geoms, SEQ)
     assert budget - 0.1 <= kept <= budget + 1e-9
     adapter.model(input_ids=tiny_batches(1)[0]["input_ids"])  # the cut model runs
@@ -116,7 +116,7 @@ def test_flop_model_saves_loads_with_one_call_and_its_macs_are_counted_right(nam
         student._set_gates(None)
         gated = adapter.model(input_ids=ids)[0]
         student._clear_gates()
-    finish(student, 1.0)
+    student.finish(1.0)
     assert any(isinstance(m, L.FactorizedLinear) for m in adapter.model.modules())
     with torch.no_grad():
         assert torch.allclose(adapter.model(input_ids=ids)[0], gated, atol=1e-4)
@@ -171,7 +171,7 @@ def test_cofi_removing_a_whole_layer_gives_a_model_that_loads_and_runs(name, tmp
         student._current = student.site_gates()
         gated = adapter.model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])[0]
         student._current = {}
-    masks = finish(student, 1.0)
+    masks = student.finish(1.0)
     assert not masks.keep[(0, "attn")].any() and not masks.keep[(0, "ffn")].any()
     geom = adapter.geometry(0)
     assert geom.units == 0 and geom.ffn == 0 and adapter.geometry(1).ffn == 48 - 10
@@ -216,7 +216,7 @@ def test_cofi_cutting_hidden_dimensions_gives_the_gated_model_and_loads_back(nam
         gated = adapter.model(**batch)[0]
         student._current = {}
     dense_geoms = adapter.geometries()
-    finish(student, 1.0)
+    student.finish(1.0)
     assert adapter.hidden_size == 27 and adapter.model.get_input_embeddings().embedding_dim == 27
     with torch.no_grad():
         assert torch.allclose(adapter.model(**batch)[0], gated, atol=1e-5)

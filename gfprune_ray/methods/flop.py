@@ -26,6 +26,7 @@ from ..flops import prunable_macs
 from ..models import Adapter
 from ..models import layers as L
 from ..models.base import set_path
+from ..search import Masks, full_masks
 from ..training import GatedStudent, gate_set
 
 NAME = "flop"
@@ -142,13 +143,15 @@ class FlopStudent(GatedStudent):
             return {path: self.gates[_key(path)]() for path in self.layers}
 
     @torch.no_grad()
-    def finish(self, budget: float) -> None:
+    def finish(self, budget: float) -> Masks:
         """Replace every gated layer by its deployed form, after zeroing the smallest gates while
-        the deployed MACs exceed the budget (`self.trimmed` components)."""
+        the deployed MACs exceed the budget (`self.trimmed` components). Returns the masks of
+        attention units and neurons: all kept, since FLOP cuts ranks instead."""
         values = self.deterministic_gates()
         self.trimmed = self._trim(values, budget)
         for path, layer in self.layers.items():
             set_path(self.model, path, layer.thin(values[path]))
+        return full_masks(self.geoms)
 
     def kept_fraction(self, values: dict[str, torch.Tensor]) -> float:
         deployed = sum(deployed_macs(int((values[p] > 0).sum()), layer.shape) for p, layer in self.layers.items())

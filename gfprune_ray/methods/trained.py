@@ -1,11 +1,10 @@
 """What the training-based methods (CoFi, FLOP) have in common at the level of a whole unit:
-build the student, train it, cut the model, say what was kept."""
+build the student (which trains and cuts itself: `GatedStudent.finish`), say what was kept."""
 
 from __future__ import annotations
 
 from ..flops import kept_prunable_macs, prunable_macs
 from ..models import Adapter
-from ..search import Masks, full_masks
 from ..training import GatedStudent
 from .cofi import NAME as COFI
 from .cofi import CoFiStudent
@@ -27,15 +26,6 @@ def student_for(method: str, adapter: Adapter, seq_len: float) -> GatedStudent:
     if method == FLOP:
         return FlopStudent(adapter, seq_len)
     raise ValueError(f"{method!r} is not a training-based method; those are: {', '.join(TRAINED_METHODS)}")
-
-
-def finish(student: GatedStudent, budget: float) -> Masks:
-    """Cut the student's model to its deterministic gates (trimmed to the budget) in place; the
-    masks of attention units and neurons kept (all of them for FLOP, which cuts ranks instead)."""
-    if isinstance(student, CoFiStudent):
-        return student.finish(budget)
-    student.finish(budget)
-    return full_masks(student.geoms)
 
 
 def kept_fraction(adapter: Adapter, dense_geoms, seq_len: float) -> float:
