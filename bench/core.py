@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--surgeon-budgets", default=None, help="budgets of the llm-surgeon runs (default: --budgets)")
     p.add_argument("--trained", default="", help="training-based methods, e.g. cofi,flop (default: none; make bench runs them apart)")
     p.add_argument("--trained-budgets", default=None, help="budgets of the training runs (default: --budgets)")
-    p.add_argument("--steps", type=int, default=STEPS_CPU, help="training steps of cofi and flop")
+    p.add_argument("--steps", type=int, default=STEPS_CPU, help="pruning steps of cofi and flop (a quarter as many fine-tuning steps follow)")
     p.add_argument("--train-batch-size", type=int, default=16, help="sequences per training step")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=256)
@@ -114,16 +114,18 @@ def run_trained(ctx: dict, method: str, budget: float, args) -> dict:
     seq_len = ctx["calibration"].seq_len
     batches = tokenize(ctx["tokenizer"], ctx["calib_texts"], args.seq_len, args.train_batch_size)
     start = time.perf_counter()
-    training = GatedTraining(student_for(method, adapter, seq_len), Schedule(steps=args.steps, budget=budget))
+    schedule = Schedule(steps=args.steps, budget=budget)
+    training = GatedTraining(student_for(method, adapter, seq_len), schedule)
     run_training(training, batches)
     training.student.finish(budget)
     prune_s = time.perf_counter() - start
-    row = dict(method=method, budget=budget, reconstruction=f"steps={args.steps}", allocation="global", steps=args.steps)
+    finetune = schedule.total_steps - schedule.steps
+    row = dict(method=method, budget=budget, reconstruction=f"steps={args.steps}+{finetune}", allocation="global", steps=args.steps, finetune_steps=finetune)
     row |= ctx["reference"].measure(adapter.model)
     row |= efficiency(ctx["adapter"], adapter, args.seq_len, (1, 32), args.latency_repeats)
     last = training.curve[-1]
     row |= {"kept_prunable_macs": kept_fraction(adapter, dense_geoms, seq_len), "trimmed": training.student.trimmed,
-            "final_expected_kept": last["expected_kept"], "final_task_loss": last["task_loss"],
+            "final_expected_kept": last["expected_kept"],  # the gates' at the end of pruning: fixed after "final_task_loss": last["task_loss"],
             "first_task_loss": training.curve[0]["task_loss"], "train_s": prune_s, "prune_s": prune_s,
             "prune_over_forward": prune_s / ctx["forward_s"], "curve": [{k: r[k] for k in ("step", "task_loss", "expected_kept", "target")} for r in training.curve]}
     return row

@@ -27,7 +27,9 @@ METHOD_HELP = (
     "several shots), cofi or flop (gates trained with the weights on Ray Train); the last three ignore --reconstruct."
 )
 STEPS_CPU = 200  # = methods.trained.STEPS_CPU; kept literal so that --help does not import torch
-STEPS_HELP = "cofi, flop: training steps of the gates and weights. 200 suits a small model on a CPU (minutes); on GPUs use about 10000 (the papers train for epochs)."
+STEPS_HELP = ("cofi, flop: steps that train the gates with the weights; a quarter as many again then fine-tune the structure "
+              "they chose. 200 runs a small model on a CPU in minutes, far from the papers' quality (README); on GPUs use "
+              "about 10000 (the papers train for epochs).")
 CHECKPOINT_EVERY = 50  # = methods.trained.CHECKPOINT_EVERY
 CHECKPOINT_HELP = "cofi, flop: training steps between checkpoints; a killed run resumes from the last one when the same command runs again."
 MODEL_HELP = "Local model folder, hub id, or pkg:all-minilm-l6-v2 for the packaged MiniLM."

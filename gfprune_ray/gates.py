@@ -67,9 +67,6 @@ class HardConcreteGates(nn.Module):
         mask[torch.topk(self.log_alpha, min(keep, len(self))).indices] = 1.0
         return self.soft() * mask
 
-    def forward(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.sample(generator) if self.training else self.deterministic()
-
 
 class Lagrangian(nn.Module):
     """lambda1 (cost - target) + lambda2 (cost - target)^2, multipliers trained by gradient ascent."""

@@ -198,7 +198,7 @@ def _train(source: str, batches: list[dict], labels: list[int] | None, opts: Pru
     farm.connect()
     try:
         start = time.perf_counter()
-        folder = _fit_with_progress(job, opts.steps)
+        folder = _fit_with_progress(job, schedule.total_steps)
         timings["train_s"] = time.perf_counter() - start
         model, outcome = read_outcome(folder)
     finally:

@@ -171,7 +171,7 @@ class Sweep:
         job = TrainJob(unit.entry.source, unit.method, schedule, work.train_batches, work.mean_seq_len, unit.key,
                        str(self._train_storage()), counter=self.train_counter)
         trained = train_farm.train_unit.remote(job, farm.gpus_available())
-        self.progress.add("train", c.steps)  # the bar counts training steps, reported by the workers
+        self.progress.add("train", schedule.total_steps)  # the bar counts training steps, reported by the workers
         result = train_farm.evaluate_trained.remote(self._eval_spec(unit, work), ref, trained)
         self._track("evaluate", [result])
         self.in_flight[result] = (unit, work)

@@ -84,7 +84,9 @@ def train_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if world > 1:
-        training.student = ray.train.torch.prepare_model(student)  # DDP; a no-op wrapper for one worker
+        # DDP. In the fine-tuning phase no gradient reaches the gates or the multipliers: DDP must
+        # be told that some parameters go unused, or it waits for their gradients
+        training.student = ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": True})
     student.to(device)
     for teacher in getattr(student, "teacher", []):
         teacher.to(device)

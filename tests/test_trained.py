@@ -59,7 +59,7 @@ def test_expected_kept_macs_match_a_monte_carlo_estimate(method, name):
                 width = {"d": int(on["hidden"].sum())} if "hidden" in on else {}
                 kept = sum(float(on[_block_key(s)][0]) * int(on[_unit_key(s)].sum()) * unit_macs(replace(geoms[s[0]], **width), s[1], SEQ) for s in student.sites)
             else:
-                kept = student.fixed_macs + sum(int(on[_key(p)].sum()) * sum(layer.shape) for p, layer in student.layers.items())
+                kept = student.score_macs + sum(int(on[_key(p)].sum()) * sum(layer.shape) for p, layer in student.layers.items())
             draws.append(kept / prunable_macs(geoms, SEQ))
     draws = torch.tensor(draws)
     expected = float(student.expected_kept().detach())
@@ -77,7 +77,8 @@ def test_a_short_run_lands_on_the_budget(method, name, budget):
     adapter = adapter_for(tiny_model(name))
     geoms = adapter.geometries()
     training = run_training(GatedTraining(student_for(method, adapter, SEQ), Schedule(steps=200, budget=budget)), tiny_batches(4))
-    assert training.curve[-1]["expected_kept"] == pytest.approx(budget, abs=0.03)  # the Lagrangian got it there
+    assert len(training.curve) == 250  # 200 steps of pruning, 50 of fine-tuning
+    assert training.curve[199]["expected_kept"] == pytest.approx(budget, abs=0.03)  # the Lagrangian got it there
     training.student.finish(budget)
     kept = kept_fraction(adapter, geoms, SEQ)
     assert budget - 0.1 <= kept <= budget + 1e-9
@@ -111,11 +112,8 @@ def test_flop_model_saves_loads_with_one_call_and_its_macs_are_counted_right(nam
     student = FlopStudent(adapter, SEQ)
     _randomize(student, seed=3, shift=-2.0)  # low ranks: most layers deploy as two thin ones
     ids = tiny_batches(1)[0]["input_ids"]
-    student.eval()
-    with torch.no_grad():
-        student._set_gates(None)
+    with torch.no_grad(), student.applied(student.final_gates(1.0)):
         gated = adapter.model(input_ids=ids)[0]
-        student._clear_gates()
     student.finish(1.0)
     assert any(isinstance(m, L.FactorizedLinear) for m in adapter.model.modules())
     with torch.no_grad():
@@ -140,7 +138,8 @@ def _same_state(a: GatedTraining, b: GatedTraining) -> None:
 @pytest.mark.parametrize("method", ["cofi", "flop"])
 def test_training_resumes_from_a_checkpoint_to_the_same_state(method, tmp_path):
     batches = tiny_batches(3)
-    schedule = Schedule(steps=8, budget=0.6, checkpoint_every=3)
+    schedule = Schedule(steps=6, budget=0.6, finetune=1 / 3, checkpoint_every=3)
+    assert schedule.total_steps == 8  # the checkpoint at step 6 resumes into the fine-tuning phase
 
     def fresh() -> GatedTraining:
         return GatedTraining(student_for(method, adapter_for(tiny_model("gpt2")), SEQ), schedule)
@@ -148,11 +147,35 @@ def test_training_resumes_from_a_checkpoint_to_the_same_state(method, tmp_path):
     saved = []
     whole = run_training(fresh(), batches, checkpoint=lambda t: (t.save(tmp_path / f"s{t.step}"), saved.append(t.step)))
     assert saved == [3, 6]
-    resumed = fresh()
-    resumed.load(tmp_path / "s3")
-    assert resumed.step == 3
-    run_training(resumed, batches)
-    _same_state(whole, resumed)
+    for step in saved:
+        resumed = fresh()
+        resumed.load(tmp_path / f"s{step}")
+        assert resumed.step == step
+        run_training(resumed, batches)
+        _same_state(whole, resumed)
+
+
+@pytest.mark.parametrize("method,name", [("cofi", "gpt2"), ("flop", "bert")])  # gpt2: hidden gates too
+def test_fine_tuning_trains_the_deployed_model_and_leaves_the_gates_alone(method, name):
+    adapter = adapter_for(tiny_model(name))
+    batches = tiny_batches(2)
+    training = GatedTraining(student_for(method, adapter, SEQ), Schedule(steps=5, budget=0.6, finetune=1.0))
+    student = training.student
+    for step in range(5):
+        training.train_step(batches[step % 2])
+    gates = copy.deepcopy(student.gates.state_dict()) | copy.deepcopy(student.lagrangian.state_dict())
+    weights = copy.deepcopy(adapter.model.state_dict())
+    run_training(training, batches)
+    assert all(torch.equal(v, (student.gates.state_dict() | student.lagrangian.state_dict())[k]) for k, v in gates.items())
+    assert any(not torch.equal(v, adapter.model.state_dict()[k]) for k, v in weights.items())
+    assert [row["penalty"] for row in training.curve[5:]] == [0.0] * 5 and training.curve[5]["target"] == pytest.approx(0.6)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad(), student.applied(student.fixed):
+        trained = adapter.model(input_ids=ids)[0]
+    student.finish(0.6)
+    with torch.no_grad():
+        assert torch.allclose(adapter.model(input_ids=ids)[0], trained, atol=1e-5)
+    assert kept_fraction(adapter, student.geoms, SEQ) <= 0.6 + 1e-9  # geoms: the dense model's
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
@@ -166,11 +189,8 @@ def test_cofi_removing_a_whole_layer_gives_a_model_that_loads_and_runs(name, tmp
             student.gates[_block_key((0, kind))].log_alpha.fill_(-10.0)
         student.gates[_unit_key((1, "ffn"))].log_alpha[:10] = -10.0
     ids = tiny_batches(1)[0]
-    student.eval()
-    with torch.no_grad():
-        student._current = student.site_gates()
+    with torch.no_grad(), student.applied(student.final_gates(1.0)):
         gated = adapter.model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])[0]
-        student._current = {}
     masks = student.finish(1.0)
     assert not masks.keep[(0, "attn")].any() and not masks.keep[(0, "ffn")].any()
     geom = adapter.geometry(0)
@@ -182,7 +202,7 @@ def test_cofi_removing_a_whole_layer_gives_a_model_that_loads_and_runs(name, tmp
     assert torch.allclose(out, gated, atol=1e-4)
 
 
-def test_cofi_distillation_loss_is_zero_for_the_dense_student_and_gates_only_in_training():
+def test_cofi_distillation_loss_is_zero_for_the_dense_student_and_no_hook_outlives_close():
     adapter = adapter_for(tiny_model("bert"))
     student = CoFiStudent(adapter, SEQ)
     with torch.no_grad():
@@ -210,11 +230,8 @@ def test_cofi_cutting_hidden_dimensions_gives_the_gated_model_and_loads_back(nam
         student.gates[_block_key((1, "attn"))].log_alpha.fill_(-40.0)  # a removed block's bias is narrowed too
         student.gates[_unit_key((0, "ffn"))].log_alpha[:7] = -40.0
     batch = tiny_batches(1)[0]
-    student.eval()
-    with torch.no_grad():
-        student._current = student.site_gates() | {"hidden": student.hidden_gates()}
+    with torch.no_grad(), student.applied(student.final_gates(1.0)):
         gated = adapter.model(**batch)[0]
-        student._current = {}
     dense_geoms = adapter.geometries()
     student.finish(1.0)
     assert adapter.hidden_size == 27 and adapter.model.get_input_embeddings().embedding_dim == 27
@@ -236,7 +253,7 @@ def test_a_bare_encoder_keeps_its_hidden_width():
 def test_cofi_adds_cross_entropy_where_a_classifier_has_labels():
     batch = with_labels(tiny_batches(1), [0, 2, 1, 1])[0]
     student = CoFiStudent(adapter_for(tiny_model("bert-cls")), SEQ)
-    student.eval()
+    student.fix(1.0)  # the same gates in both calls
     with_ce, parts = student.task_loss(batch, None)
     without, _ = student.task_loss({k: v for k, v in batch.items() if k != "labels"}, None)
     assert parts["label_loss"] > 0 and float(with_ce - without) == pytest.approx(parts["label_loss"], rel=1e-5)

@@ -105,22 +105,19 @@ class FlopStudent(GatedStudent):
             set_path(self.model, path, layer)
             self.layers[path] = layer
             dense_linear += layer.shape[0] * layer.shape[1]
-        self.fixed_macs = self.dense_macs - dense_linear  # attention scores: FLOP does not touch them
+        self.score_macs = self.dense_macs - dense_linear  # attention scores: FLOP does not touch them
         self.gates = gate_set({_key(p): layer.rank for p, layer in self.layers.items()})
-        self.trimmed = 0
 
-    def _set_gates(self, generator: torch.Generator | None) -> None:
+    def sampled_gates(self, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        return {path: self.gates[_key(path)].sample(generator) for path in self.layers}
+
+    def _apply(self, values: dict[str, torch.Tensor] | None) -> None:
         for path, layer in self.layers.items():
-            layer.z = self.gates[_key(path)](generator)
-
-    def _clear_gates(self) -> None:
-        for layer in self.layers.values():
-            layer.z = None
+            layer.z = None if values is None else values[path]
 
     def task_loss(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        self._set_gates(generator)
-        try:
+        with self.applied(self.gate_values(generator)):
             if self.lm:
                 loss = lm_loss(self.model(input_ids=ids, attention_mask=mask).logits, ids, mask)
                 return loss, {"lm_loss": loss.item()}
@@ -128,34 +125,32 @@ class FlopStudent(GatedStudent):
             with torch.no_grad():
                 teacher_out = self.teacher[0](**inputs)
             return distillation_loss(self.model(**inputs), teacher_out, self.mapping, mask)
-        finally:
-            self._clear_gates()
 
     def expected_kept(self) -> torch.Tensor:
-        total = torch.tensor(float(self.fixed_macs))
+        total = torch.tensor(float(self.score_macs))
         for path, layer in self.layers.items():
             total = total + self.gates[_key(path)].keep_probability().sum() * sum(layer.shape)
         return total / self.dense_macs
 
-    def deterministic_gates(self) -> dict[str, torch.Tensor]:
-        self.eval()
-        with torch.no_grad():
-            return {path: self.gates[_key(path)]() for path in self.layers}
+    def final_gates(self, budget: float) -> dict[str, torch.Tensor]:
+        """Each matrix's deterministic gates, then the smallest components zeroed while the
+        deployed MACs exceed the budget (`self.trimmed` of them)."""
+        values = {path: self.gates[_key(path)].deterministic() for path in self.layers}
+        self.trimmed = self._trim(values, budget)
+        return values
 
     @torch.no_grad()
     def finish(self, budget: float) -> Masks:
-        """Replace every gated layer by its deployed form, after zeroing the smallest gates while
-        the deployed MACs exceed the budget (`self.trimmed` components). Returns the masks of
+        """Replace every gated layer by its deployed form for the final gates. Returns the masks of
         attention units and neurons: all kept, since FLOP cuts ranks instead."""
-        values = self.deterministic_gates()
-        self.trimmed = self._trim(values, budget)
+        self.fix(budget)
         for path, layer in self.layers.items():
-            set_path(self.model, path, layer.thin(values[path]))
+            set_path(self.model, path, layer.thin(self.fixed[path]))
         return full_masks(self.geoms)
 
     def kept_fraction(self, values: dict[str, torch.Tensor]) -> float:
         deployed = sum(deployed_macs(int((values[p] > 0).sum()), layer.shape) for p, layer in self.layers.items())
-        return (self.fixed_macs + deployed) / self.dense_macs
+        return (self.score_macs + deployed) / self.dense_macs
 
     def _trim(self, values: dict[str, torch.Tensor], budget: float) -> int:
         if self.kept_fraction(values) <= budget * (1 + 1e-12):
@@ -163,7 +158,7 @@ class FlopStudent(GatedStudent):
         components = sorted((float(z[c]), path, int(c)) for path, z in values.items() for c in (z > 0).nonzero().flatten())
         ranks = {p: int((z > 0).sum()) for p, z in values.items()}
         deployed = {p: deployed_macs(ranks[p], self.layers[p].shape) for p in values}
-        total = self.fixed_macs + sum(deployed.values())
+        total = self.score_macs + sum(deployed.values())
         trimmed = 0
         for _, path, c in components:
             if total <= budget * self.dense_macs * (1 + 1e-12):
