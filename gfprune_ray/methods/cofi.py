@@ -55,9 +55,10 @@ class CoFiStudent(GatedStudent):
     # faster than a neuron's as the Lagrangian's trade-off says. Adam divides every gate's gradient
     # by its own scale: once the penalty dominates, each gate steps down at the same speed, whatever
     # it costs or does. Measured on MiniLM at budget 0.5 (`bench/trained_probe.py`, README): with
-    # Adam every block gate stalled at P(on) 0.82 to 0.88 (deployed at half its output), fidelity
-    # 0.37; with SGD whole FFN blocks close and the rest stays, fidelity 0.73. No momentum: with it
-    # the gates overshoot the budget and, closed, get no gradient to come back (tiny models).
+    # Adam the block gates stalled at P(on) 0.69 to 0.76 (deployed at a fraction of their output)
+    # and fidelity was 0.37; with SGD FFN blocks close, the rest stays, fidelity 0.72. No momentum:
+    # with it the gates overshot the budget (MiniLM 0.45 for 0.5, tiny models 0.1 to 0.35 below)
+    # and, once closed, get no gradient to come back.
     gate_optimizer = "sgd"
     gate_lr = 0.1
 
