@@ -97,7 +97,7 @@ class GatedStudent(nn.Module):
         exceeds `budget` (`self.trimmed` units or components zeroed)."""
         raise NotImplementedError
 
-    def _apply(self, values: dict | None) -> None:
+    def _use_gates(self, values: dict | None) -> None:
         """Make the model compute with these gate values (None: without gates)."""
         raise NotImplementedError
 
@@ -107,11 +107,11 @@ class GatedStudent(nn.Module):
 
     @contextmanager
     def applied(self, values: dict) -> Iterator[None]:
-        self._apply(values)
+        self._use_gates(values)
         try:
             yield
         finally:
-            self._apply(None)
+            self._use_gates(None)
 
     def gate_values(self, generator: torch.Generator | None) -> dict:
         """What a training step computes with: a draw while the gates learn, then the fixed values."""

@@ -160,7 +160,7 @@ def test_fine_tuning_trains_the_deployed_model_and_leaves_the_gates_alone(method
     adapter = adapter_for(tiny_model(name))
     batches = tiny_batches(2)
     training = GatedTraining(student_for(method, adapter, SEQ), Schedule(steps=5, budget=0.6, finetune=1.0))
-    student = training.student
+    student = training.student.to("cpu")  # as a Ray Train worker moves it: nn.Module.to must still work
     for step in range(5):
         training.train_step(batches[step % 2])
     gates = copy.deepcopy(student.gates.state_dict()) | copy.deepcopy(student.lagrangian.state_dict())

@@ -137,7 +137,7 @@ class CoFiStudent(GatedStudent):
         expected = (block.keep_probability()[0] * units.keep_probability().sum()).item()
         return units.deterministic(keep=int(round(expected))) * block.soft()[0]
 
-    def _apply(self, values: dict | None) -> None:
+    def _use_gates(self, values: dict | None) -> None:
         self._current = values or {}
 
     def task_loss(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:

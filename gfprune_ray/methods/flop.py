@@ -111,7 +111,7 @@ class FlopStudent(GatedStudent):
     def sampled_gates(self, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         return {path: self.gates[_key(path)].sample(generator) for path in self.layers}
 
-    def _apply(self, values: dict[str, torch.Tensor] | None) -> None:
+    def _use_gates(self, values: dict[str, torch.Tensor] | None) -> None:
         for path, layer in self.layers.items():
             layer.z = None if values is None else values[path]
 
