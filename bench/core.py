@@ -125,7 +125,7 @@ def run_trained(ctx: dict, method: str, budget: float, args) -> dict:
     row |= efficiency(ctx["adapter"], adapter, args.seq_len, (1, 32), args.latency_repeats)
     last = training.curve[-1]
     row |= {"kept_prunable_macs": kept_fraction(adapter, dense_geoms, seq_len), "trimmed": training.student.trimmed,
-            "final_expected_kept": last["expected_kept"],  # the gates' at the end of pruning: fixed after "final_task_loss": last["task_loss"],
+            "final_expected_kept": last["expected_kept"], "final_task_loss": last["task_loss"],
             "first_task_loss": training.curve[0]["task_loss"], "train_s": prune_s, "prune_s": prune_s,
             "prune_over_forward": prune_s / ctx["forward_s"], "curve": [{k: r[k] for k in ("step", "task_loss", "expected_kept", "target")} for r in training.curve]}
     return row
