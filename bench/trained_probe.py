@@ -25,7 +25,7 @@ from gfprune_ray.loading import load_model
 from gfprune_ray.methods.cofi import CoFiStudent, _block_key, _unit_key
 from gfprune_ray.methods.trained import kept_fraction, student_for
 from gfprune_ray.models import adapter_for
-from gfprune_ray.training import GatedTraining, Schedule, run_training
+from gfprune_ray.training import GatedTraining, Schedule, batch_for, run_training
 
 SEQ_LEN = 40.0  # tokens per sequence for the MACs model (the 48-token batches average about 40)
 
@@ -74,7 +74,7 @@ def main() -> None:
     training = GatedTraining(student, schedule)
     start = time.perf_counter()
     while training.step < schedule.steps:
-        training.train_step(batches[training.step % len(batches)])
+        training.train_step(batch_for(training.step, batches))  # the batch run_training would give it
     student.fix(schedule.budget)
     with torch.no_grad(), student.applied(student.fixed):
         pruned = fidelity(reference, sentence_embeddings(model, evaluation))
