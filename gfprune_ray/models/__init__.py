@@ -9,9 +9,10 @@ from .bert import BertAdapter
 from .distilbert import DistilBertAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
+from .mpnet import MPNetAdapter
 from .opt import OPTAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DistilBertAdapter, GPT2Adapter, OPTAdapter, LlamaAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DistilBertAdapter, GPT2Adapter, OPTAdapter, LlamaAdapter, MPNetAdapter)
 
 
 def supported_model_types() -> list[str]:
