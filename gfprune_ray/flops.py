@@ -1,9 +1,11 @@
 """Analytic MACs (multiply-accumulates) per token, and budget arithmetic.
 
-Per token, with s the sequence length attended over:
-- an attention unit of g query heads sharing one KV head of size dh costs
-  2*d*dh*g (Q and O) + 2*d*dh (K and V) + 2*s*dh*g (scores and weighted sum); with g = 1 that is
-  the 4*d*dh + 2*s*dh of DESIGN 5;
+Per token, with s the sequence length attended over and dh the head size:
+- a query head costs 2*d*dh (its rows of Q, its columns of O) + 2*s*dh (scores and weighted sum);
+- a key/value head costs 2*d*dh (its rows of K and V), once, however many of the query heads that
+  share it (its KV group) are kept. Attention MACs are therefore not additive over heads: a layer
+  keeping n K/V heads with k query heads each costs n*(2*d*dh*k + 2*d*dh + 2*s*dh*k). Without
+  grouped-query attention (k = 1) a head costs the 4*d*dh + 2*s*dh of DESIGN 5;
 - an FFN neuron costs 2*d, or 3*d in a gated FFN.
 Everything else (embeddings, LM head, poolers) is not prunable and is reported separately.
 """
@@ -17,17 +19,49 @@ from .models import KINDS, Adapter, BlockGeometry, Kind
 from .models import layers as L
 
 
+def group_macs(geom: BlockGeometry, heads: int, seq_len: float) -> float:
+    """MACs per token of one K/V head and `heads` query heads that share it."""
+    d, dh = geom.d, geom.head_dim
+    return 2 * d * dh * heads + 2 * d * dh + 2 * seq_len * dh * heads
+
+
+def attention_macs(geom: BlockGeometry, groups: int, heads_per_group: int, seq_len: float) -> float:
+    """MACs per token of an attention that keeps `groups` K/V heads with `heads_per_group` query
+    heads each: the structures a layer can have (`models.base.kv_groups`)."""
+    return groups * group_macs(geom, heads_per_group, seq_len) if groups else 0.0
+
+
 def unit_macs(geom: BlockGeometry, kind: Kind, seq_len: float) -> float:
-    """MACs per token of one unit of the given kind."""
-    d, dh, g = geom.d, geom.head_dim, geom.heads_per_unit
+    """MACs per token of one unit of the given kind. For attention, the average query head of the
+    layer as it is: its own MACs and its share of its K/V head's (so units x unit_macs is the
+    layer's attention); what a set of heads costs is `kept_site_macs`, not a sum of these."""
     if kind == "attn":
-        return 2 * d * dh * g + 2 * d * dh + 2 * seq_len * dh * g
-    return (3 if geom.gated else 2) * d
+        return group_macs(geom, geom.heads_per_unit, seq_len) / geom.heads_per_unit
+    return (3 if geom.gated else 2) * geom.d
+
+
+def site_macs(geom: BlockGeometry, kind: Kind, seq_len: float) -> float:
+    """MACs per token of a block's attention (or FFN) as it is now."""
+    if kind == "attn":
+        return attention_macs(geom, geom.kv_heads, geom.heads_per_unit, seq_len)
+    return geom.ffn * unit_macs(geom, kind, seq_len)
+
+
+def kept_site_macs(geom: BlockGeometry, kind: Kind, keep: torch.Tensor, seq_len: float) -> float:
+    """MACs per token of a block's attention (or FFN) that keeps the units marked in `keep`: per
+    K/V group, its K/V head if any of its query heads is kept, plus the kept query heads."""
+    if kind == "ffn":
+        return int(keep.sum()) * unit_macs(geom, kind, seq_len)
+    counts = keep.reshape(-1, geom.heads_per_unit).sum(1)
+    counts = counts[counts > 0].tolist()
+    if len(set(counts)) <= 1:  # the structures a layer can have: n groups of k heads each
+        return attention_macs(geom, len(counts), counts[0] if counts else 0, seq_len)
+    return sum(group_macs(geom, c, seq_len) for c in counts)
 
 
 def prunable_macs(geoms: list[BlockGeometry], seq_len: float) -> float:
     """MACs per token of everything the search may remove."""
-    return sum(g.count(k) * unit_macs(g, k, seq_len) for g in geoms for k in KINDS)
+    return sum(site_macs(g, k, seq_len) for g in geoms for k in KINDS)
 
 
 def _prunable_modules(adapter: Adapter) -> set[int]:

@@ -1,7 +1,8 @@
 """Physical removal of units, saving a pruned model, and loading it back with one call.
 
 transformers 5 configs have no per-layer head or FFN sizes, so a pruned model's config carries
-`gfprune_sizes` ([attention units, FFN neurons] per layer); where CoFi cut hidden dimensions,
+`gfprune_sizes` ([query heads, FFN neurons] per layer, and the K/V heads third under grouped-query
+attention; see `Adapter.resize`); where CoFi cut hidden dimensions,
 `gfprune_hidden` (the stream's width); where FLOP factorized weight matrices, `gfprune_factorized`
 (module path: rank). `load_pruned` builds the ordinary transformers class, narrows its layers to
 those sizes and its stream to that width, swaps in the factorized layers and loads the weights.

@@ -78,6 +78,10 @@ def _mistral():
     return T.MistralForCausalLM(config)
 
 
+def _mpnet():
+    return T.MPNetModel(T.MPNetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, **COMMON))
+
+
 TINY = {
     "bert": _bert,
     "bert-cls": _bert_cls,
@@ -89,6 +93,7 @@ TINY = {
     "qwen2": _qwen2,
     "qwen3": _qwen3,
     "mistral": _mistral,
+    "mpnet": _mpnet,
 }
 
 
@@ -159,3 +164,15 @@ def cli_env(**extra: str) -> dict:
 
 def run_cli(*args, cwd: Path | None = None, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([*cli_command(), *map(str, args)], capture_output=True, text=True, env=cli_env(**env), cwd=cwd, timeout=timeout)
+
+
+def legal_head_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """A head mask that grouped-query attention can run, from any mask: every kept K/V group keeps
+    its first k kept heads, k the fewest any kept group keeps. Keeps only heads `mask` keeps, and
+    at least one if it keeps any."""
+    per_group = mask.reshape(-1, group)
+    counts = per_group.sum(1)
+    if not counts.any():
+        return mask.clone()
+    k = int(counts[counts > 0].min())
+    return (per_group & (per_group.cumsum(1) <= k)).reshape(-1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import tiny_batches, tiny_model
+from conftest import legal_head_mask, tiny_batches, tiny_model
 from gfprune_ray.models import adapter_for
 from gfprune_ray.search import Masks
 from gfprune_ray.stats import collect_stats
@@ -30,7 +30,7 @@ def _random_masks(adapter, seed=0, drop_all_attn_layer=None):
             mask[torch.randint(geom.count(kind), (1,), generator=g)] = True
             if kind == "attn" and i == drop_all_attn_layer:
                 mask[:] = False
-            keep[(i, kind)] = mask
+            keep[(i, kind)] = legal_head_mask(mask, geom.heads_per_unit) if kind == "attn" else mask
     return Masks(keep)
 
 
@@ -40,7 +40,7 @@ def test_geometry_matches_config(family):
     geom = adapter.geometry(0)
     assert adapter.num_layers == 2
     assert geom.d == 32 and geom.head_dim == 8 and geom.ffn == 48
-    assert geom.units * geom.heads_per_unit == 4
+    assert geom.units == 4 and geom.kv_heads == (getattr(model.config, "num_key_value_heads", None) or 4)
     assert geom.gated == (family in {"llama", "qwen2", "qwen3", "mistral"})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, legal_head_mask, tiny_model
 from gfprune_ray import flops
 from gfprune_ray.models import BlockGeometry, adapter_for
 from gfprune_ray.search import Masks
@@ -30,7 +30,7 @@ def _assert_close_to_count(adapter, seq_len=SEQ):
 
 def _some_masks(adapter, seed=0, empty_attn_layer=None, empty_ffn_layer=None):
     """Drop roughly half of every site's units, keeping at least one, and dropping at least one
-    where a site has more than one (Mistral's tiny model has a single KV group per layer)."""
+    where a site has more than one; heads in a structure grouped-query attention can run."""
     g = torch.Generator().manual_seed(seed)
     keep = {}
     for i, geom in enumerate(adapter.geometries()):
@@ -43,7 +43,7 @@ def _some_masks(adapter, seed=0, empty_attn_layer=None, empty_ffn_layer=None):
                 mask[order[1]] = False
             if (kind == "attn" and i == empty_attn_layer) or (kind == "ffn" and i == empty_ffn_layer):
                 mask[:] = False
-            keep[(i, kind)] = mask
+            keep[(i, kind)] = legal_head_mask(mask, geom.heads_per_unit) if kind == "attn" else mask
     return Masks(keep)
 
 
@@ -93,13 +93,21 @@ def test_unit_macs_follow_the_design_formula():
     head = BlockGeometry(d=32, units=4, heads_per_unit=1, head_dim=8, ffn=48, gated=False)
     assert flops.unit_macs(head, "attn", s) == 4 * 32 * 8 + 2 * s * 8
     assert flops.unit_macs(head, "ffn", s) == 2 * 32
-    gated = BlockGeometry(d=32, units=2, heads_per_unit=2, head_dim=8, ffn=48, gated=True)
-    # a KV group of two query heads: Q and O for two heads, K and V once, scores for two heads
-    assert flops.unit_macs(gated, "attn", s) == 2 * 32 * 8 * 2 + 2 * 32 * 8 + 2 * s * 8 * 2
+    gated = BlockGeometry(d=32, units=6, heads_per_unit=3, head_dim=8, ffn=48, gated=True)
+    # a KV group of three query heads: Q and O for three heads, K and V once, scores for three heads
+    group = 2 * 32 * 8 * 3 + 2 * 32 * 8 + 2 * s * 8 * 3
+    assert flops.group_macs(gated, 3, s) == group
+    assert flops.unit_macs(gated, "attn", s) == group / 3  # the average head, with its share of K and V
     assert flops.unit_macs(gated, "ffn", s) == 3 * 32
     assert flops.prunable_macs([head, gated], s) == (
-        4 * flops.unit_macs(head, "attn", s) + 48 * 64 + 2 * flops.unit_macs(gated, "attn", s) + 48 * 96
+        4 * flops.unit_macs(head, "attn", s) + 48 * 64 + 2 * group + 48 * 96
     )
+    # kept heads are not additive: one K/V head per group that keeps any query head
+    one_head = 2 * 32 * 8 + 2 * s * 8
+    keep = torch.tensor([True, False, False, False, True, False])  # one head in each group
+    assert flops.kept_site_macs(gated, "attn", keep, s) == 2 * (one_head + 2 * 32 * 8)
+    keep = torch.tensor([True, True, False, False, False, False])  # two heads of one group
+    assert flops.kept_site_macs(gated, "attn", keep, s) == 2 * one_head + 2 * 32 * 8
 
 
 @pytest.mark.parametrize("budget", [0, 0.0, -0.1, 1.5, 1.0000001, float("nan")])

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from gfprune_ray.flops import prunable_macs, unit_macs
+from gfprune_ray.flops import kept_site_macs, prunable_macs, unit_macs
 from gfprune_ray.models import KINDS, BlockGeometry, adapter_for
+from gfprune_ray.models.base import kv_groups
 from gfprune_ray.search import Masks, full_masks, global_search, uniform_search
 
 SEQ = 12.0
@@ -76,15 +77,20 @@ def test_uniform_search_stays_under_budget_in_every_layer(name, seed):
         assert masks.kept_macs(geoms, SEQ) <= budget * total * (1 + SLACK)
         for i, geom in enumerate(geoms):
             layer_total = sum(geom.count(k) * unit_macs(geom, k, SEQ) for k in KINDS)
-            layer_kept = sum(int(masks.keep[(i, k)].sum()) * unit_macs(geom, k, SEQ) for k in KINDS if geom.count(k))
+            layer_kept = sum(kept_site_macs(geom, k, masks.keep[(i, k)], SEQ) for k in KINDS if geom.count(k))
             assert layer_kept <= budget * layer_total * (1 + SLACK)
             layer_step = max((unit_macs(geom, k, SEQ) for k in KINDS if geom.count(k)), default=0.0)
-            assert layer_kept > budget * layer_total - layer_step, (i, budget)
+            gqa = geom.heads_per_unit > 1  # legal structures only: the layer's share may not fill up
+            assert gqa or layer_kept > budget * layer_total - layer_step, (i, budget)
             if geom.units:
-                # the same fraction of heads in every layer, and the layer's best ones
+                # the same fraction of heads in every layer (at most, with GQA), and the layer's best ones
                 kept_heads = masks.keep[(i, "attn")]
-                assert int(kept_heads.sum()) == int(budget * geom.units + 1e-9)
+                assert int(kept_heads.sum()) <= int(budget * geom.units + 1e-9)
+                assert gqa or int(kept_heads.sum()) == int(budget * geom.units + 1e-9)
+                kv_groups(kept_heads.nonzero().flatten(), geom.heads_per_unit)  # raises unless legal
             for k in KINDS:
+                if k == "attn" and gqa:  # the best structure, not the best heads
+                    continue
                 if geom.count(k) and 0 < int(masks.keep[(i, k)].sum()) < geom.count(k):
                     s, m = scores[(i, k)], masks.keep[(i, k)]
                     assert s[m].min() >= s[~m].max()

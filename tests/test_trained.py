@@ -13,9 +13,9 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import tiny_batches, tiny_model
 from gfprune_ray.data import with_labels
-from gfprune_ray.flops import counted_macs, model_macs, prunable_macs, unit_macs
+from gfprune_ray.flops import counted_macs, model_macs, prunable_macs
 from gfprune_ray.gates import HardConcreteGates, target_at
-from gfprune_ray.methods.cofi import CoFiStudent, _block_key, _unit_key
+from gfprune_ray.methods.cofi import CoFiStudent, _block_key, _gate_macs, _unit_key
 from gfprune_ray.methods.flop import FlopStudent, GatedFactorized, _key
 from gfprune_ray.methods.trained import kept_fraction, student_for
 from gfprune_ray.models import adapter_for
@@ -57,7 +57,7 @@ def test_expected_kept_macs_match_a_monte_carlo_estimate(method, name):
             on = {k: gates.sample(g) != 0 for k, gates in student.gates.items()}
             if method == "cofi":
                 width = {"d": int(on["hidden"].sum())} if "hidden" in on else {}
-                kept = sum(float(on[_block_key(s)][0]) * int(on[_unit_key(s)].sum()) * unit_macs(replace(geoms[s[0]], **width), s[1], SEQ) for s in student.sites)
+                kept = sum(float(on[_block_key(s)][0]) * int(on[_unit_key(s)].sum()) * _gate_macs(replace(geoms[s[0]], **width), s[1], SEQ) for s in student.sites)
             else:
                 kept = student.score_macs + sum(int(on[_key(p)].sum()) * sum(layer.shape) for p, layer in student.layers.items())
             draws.append(kept / prunable_macs(geoms, SEQ))

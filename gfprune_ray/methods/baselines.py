@@ -10,9 +10,10 @@ from .common import output_energy, per_unit
 
 
 def weights_per_unit(w: UnitWeights) -> int:
-    """Weights that belong to one unit (its output columns and input rows): its MACs per token,
-    apart from the attention-score term of heads."""
-    return w.out.shape[0] * w.width + sum(weight.numel() for weight in w.ins) // w.units
+    """Weights that belong to one unit (its output columns and input rows, and its share of the
+    key/value rows its K/V group shares): its MACs per token, apart from the attention-score term
+    of heads."""
+    return w.out.shape[0] * w.width + sum(weight.numel() for weight in w.ins + w.shared_ins) // w.units
 
 
 def random_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
@@ -22,11 +23,15 @@ def random_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> tor
 
 
 def magnitude_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
-    """Squared L2 norm of all weights that belong to the unit (its input rows and output columns)."""
+    """Squared L2 norm of all weights that belong to the unit (its input rows and output columns);
+    a K/V head's rows count for each of the query heads that share it, split evenly."""
     units = w.units
     total = per_unit(w.out.to(torch.float64).pow(2).sum(0), w.width)
     for weight in w.ins:
         total = total + weight.to(torch.float64).pow(2).reshape(units, -1).sum(1)
+    for weight in w.shared_ins:
+        per_group = weight.to(torch.float64).pow(2).reshape(units // w.group, -1).sum(1)
+        total = total + (per_group / w.group).repeat_interleave(w.group)
     return total
 
 

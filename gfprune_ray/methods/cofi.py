@@ -1,8 +1,11 @@
 """CoFi (Xia, Zhong and Chen, ACL 2022): coarse and fine hard-concrete masks trained jointly with
 the weights by distillation from the frozen dense model, steered to the budget by a Lagrangian.
 
-Gates per layer: one on the whole attention block, one per attention unit (head or KV group), one
-on the whole FFN, one per FFN neuron; and one per hidden dimension, shared by all layers. A unit's
+Gates per layer: one on the whole attention block, one per KV group (with grouped-query attention
+its K/V head and the query heads that share it; a head without GQA), one on the whole FFN, one per
+FFN neuron; and one per hidden dimension, shared by all layers. CoFi gates whole KV groups, not the
+query heads that the other methods rank: any pattern of group gates is a structure transformers can
+run, while query-head gates would need one number of heads per kept group. A unit's
 output is multiplied by its own gate and by its block's gate, at the input of the block's output
 projection (through the adapter, by a hook), so a closed block leaves exactly its output bias:
 what the core's surgery leaves when it removes the block. A hidden gate multiplies its dimension
@@ -30,8 +33,8 @@ from torch import nn
 
 from ..distill import distillation_loss, identity_map
 from ..evaluate import has_classifier
-from ..flops import prunable_macs, unit_macs
-from ..models import KINDS, Adapter
+from ..flops import group_macs, prunable_macs, unit_macs
+from ..models import KINDS, Adapter, BlockGeometry, Kind
 from ..models import layers as L
 from ..search import Masks, Site
 from ..surgery import apply_pruning
@@ -47,6 +50,16 @@ def _unit_key(site: Site) -> str:
 
 def _block_key(site: Site) -> str:
     return f"{site[0]}-{site[1]}-block"
+
+
+def _gated(geom: BlockGeometry, kind: Kind) -> tuple[int, int]:
+    """(gates, context columns per gate) of a site: a gate per KV group, or per FFN neuron."""
+    return (geom.kv_heads, geom.heads_per_unit * geom.head_dim) if kind == "attn" else (geom.ffn, 1)
+
+
+def _gate_macs(geom: BlockGeometry, kind: Kind, seq_len: float) -> float:
+    """MACs per token of what one unit gate controls: a whole KV group, or a neuron."""
+    return group_macs(geom, geom.heads_per_unit, seq_len) if kind == "attn" else unit_macs(geom, kind, seq_len)
 
 
 class CoFiStudent(GatedStudent):
@@ -72,7 +85,7 @@ class CoFiStudent(GatedStudent):
         self.sites: list[Site] = [(i, k) for i, g in enumerate(self.geoms) for k in KINDS if g.count(k)]
         sizes = {}
         for site in self.sites:
-            sizes[_unit_key(site)] = self.geoms[site[0]].count(site[1])
+            sizes[_unit_key(site)] = _gated(self.geoms[site[0]], site[1])[0]
             sizes[_block_key(site)] = 1
         self.hidden = adapter.supports_hidden_cut and has_output_head(adapter.model)
         if self.hidden:
@@ -86,7 +99,7 @@ class CoFiStudent(GatedStudent):
 
     def _hook(self, site: Site):
         module = self.adapter.output_projection(*site)
-        width = self.geoms[site[0]].width(site[1])
+        width = _gated(self.geoms[site[0]], site[1])[1]
 
         def scale_inputs(_module, args):
             z = self._current.get(site)
@@ -160,7 +173,7 @@ class CoFiStudent(GatedStudent):
             p_block = self.gates[_block_key((i, kind))].keep_probability()[0]
             p_units = self.gates[_unit_key((i, kind))].keep_probability().sum()
             geom = self.geoms[i] if width is None else replace(self.geoms[i], d=width)
-            total = total + p_block * p_units * unit_macs(geom, kind, self.seq_len)
+            total = total + p_block * p_units * _gate_macs(geom, kind, self.seq_len)
         return total / prunable_macs(self.geoms, self.seq_len)
 
     def close(self) -> None:
@@ -176,9 +189,11 @@ class CoFiStudent(GatedStudent):
         self.close()
         for site in self.sites:
             module = self.adapter.output_projection(*site)
-            z = self.fixed[site].repeat_interleave(self.geoms[site[0]].width(site[1]))
+            z = self.fixed[site].repeat_interleave(_gated(self.geoms[site[0]], site[1])[1])
             L.assign(module, L.weight_of(module) * z.to(L.weight_of(module).dtype), None)
-        masks = Masks({site: self.fixed[site] > 0 for site in self.sites})
+        # masks over units: a KV group's gate keeps or drops each of its query heads
+        masks = Masks({(i, kind): (self.fixed[(i, kind)] > 0).repeat_interleave(self.geoms[i].heads_per_unit if kind == "attn" else 1)
+                       for i, kind in self.sites})
         apply_pruning(self.adapter, masks)
         if self.hidden and int(self.fixed[HIDDEN].sum()) < self.adapter.hidden_size:
             self.adapter.cut_hidden(self.fixed[HIDDEN].nonzero().flatten())
@@ -195,7 +210,7 @@ def trim_to_budget(values: dict[Site, torch.Tensor], geoms, limit: float, seq_le
     `geoms`, the cut model's shapes) fit `limit` MACs. Gates trained to the budget land within a
     few units of it; this makes 'never above' exact."""
     limit = limit * (1 + 1e-12)
-    total = sum(int((z > 0).sum()) * unit_macs(geoms[i], kind, seq_len) for (i, kind), z in values.items())
+    total = sum(int((z > 0).sum()) * _gate_macs(geoms[i], kind, seq_len) for (i, kind), z in values.items())
     if total <= limit:
         return 0
     units = sorted((float(z[u]), site, int(u)) for site, z in values.items() for u in (z > 0).nonzero().flatten())
@@ -204,6 +219,6 @@ def trim_to_budget(values: dict[Site, torch.Tensor], geoms, limit: float, seq_le
         if total <= limit:
             break
         values[site][unit] = 0.0
-        total -= unit_macs(geoms[site[0]], site[1], seq_len)
+        total -= _gate_macs(geoms[site[0]], site[1], seq_len)
         trimmed += 1
     return trimmed

@@ -10,9 +10,9 @@ the other weights to the optimum of that quadratic is
     dW   = -W[:, C] (P_CC)^-1 P_(C,:)                    the correlated update (G drops out)
     cost = 1/2 tr(G W[:, C] (P_CC)^-1 W[:, C]^T)          the loss increase
 
-For a neuron C is one column, cost = 1/2 w_c^T G w_c / P_cc; for a head (or KV group) C is its
-block of columns. The unit's rows in the input projections feed nothing once its output columns
-are gone, so they go with it at no further cost.
+For a neuron C is one column, cost = 1/2 w_c^T G w_c / P_cc; for a (query) head C is its block of
+columns. The unit's rows in the input projections feed nothing once its output columns are gone,
+so they go with it at no further cost (a K/V head once none of its query heads is left).
 
 One shot: the costs of all remaining units of all layers, in one currency (loss), go to the core's
 global search under the shot's MACs target, so llm-surgeon and gfp are compared at the same MACs.
@@ -150,11 +150,11 @@ class SurgeonState:
 
     def geometries(self, dense_geoms: list[BlockGeometry]) -> list[BlockGeometry]:
         """The geometry of the partly pruned model."""
-        out = []
+        out, none = [], torch.zeros(0, dtype=torch.long)
         for i, g in enumerate(dense_geoms):
-            units = len(self.kept.get((i, "attn"), ())) if g.units else 0
+            heads = self.kept.get((i, "attn"), none) if g.units else none
             ffn = len(self.kept.get((i, "ffn"), ())) if g.ffn else 0
-            out.append(BlockGeometry(g.d, units, g.heads_per_unit, g.head_dim, ffn, g.gated))
+            out.append(BlockGeometry(g.d, len(heads), _heads_per_group(heads, g.heads_per_unit), g.head_dim, ffn, g.gated))
         return out
 
     def site_weights(self, site: Site, dense: UnitWeights) -> UnitWeights:
@@ -166,7 +166,9 @@ class SurgeonState:
         else:
             out, bias = dense.out[:, unit_rows(kept, dense.width)], dense.bias
         ins = [w.reshape(dense.units, -1, w.shape[-1])[kept].reshape(-1, w.shape[-1]) for w in dense.ins]
-        return UnitWeights(out=out, bias=bias, ins=ins, width=dense.width)
+        groups = torch.unique(kept // dense.group)
+        shared = [w.reshape(dense.units // dense.group, -1, w.shape[-1])[groups].reshape(-1, w.shape[-1]) for w in dense.shared_ins]
+        return UnitWeights(out=out, bias=bias, ins=ins, width=dense.width, shared_ins=shared, group=_heads_per_group(kept, dense.group))
 
     def advance(self, local: Masks, updates: dict[Site, Reconstruction], timings: dict[str, float]) -> SurgeonState:
         """The state after a shot that kept `local` (masks over the current units) with `updates`;
@@ -174,6 +176,12 @@ class SurgeonState:
         kept = {site: (idx[local.keep[site]] if site in local.keep else idx) for site, idx in self.kept.items()}
         totals = {k: self.timings.get(k, 0.0) + timings.get(k, 0.0) for k in self.timings.keys() | timings.keys()}
         return SurgeonState(kept, self.weights | updates, self.shots_done + 1, totals)
+
+
+def _heads_per_group(heads: torch.Tensor, group: int) -> int:
+    """Query heads per kept K/V group, for the dense indices `heads` of a legal structure (the
+    dense model's group size where nothing is kept)."""
+    return len(heads) // len(torch.unique(heads // group)) if len(heads) else group
 
 
 def shot_masks(costs: dict[Site, torch.Tensor], state: SurgeonState, dense_geoms: list[BlockGeometry], target: float, seq_len: float) -> Masks:

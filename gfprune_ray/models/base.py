@@ -10,7 +10,7 @@ projections, plus the few attributes that must follow a change of head count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -27,8 +27,11 @@ KINDS: tuple[Kind, Kind] = ("attn", "ffn")
 class BlockGeometry:
     """Shape of one transformer block as it is now (pruned blocks differ from layer to layer).
 
-    An attention *unit* is the smallest piece that can be removed: a head, or with grouped-query
-    attention a whole KV group (one key/value head and the query heads that share it).
+    An attention *unit* is one query head. With grouped-query attention `heads_per_unit` query
+    heads (consecutive units) share one key/value head: that K/V head stays while any of its query
+    heads does, and since transformers repeats each K/V head the same number of times in a layer,
+    every kept group of a layer keeps the same number of query heads (`kv_groups`). Without GQA
+    `heads_per_unit` is 1 and every head is its own group.
     """
 
     d: int
@@ -41,7 +44,12 @@ class BlockGeometry:
     @property
     def unit_width(self) -> int:
         """Context columns (input columns of the attention output projection) per attention unit."""
-        return self.heads_per_unit * self.head_dim
+        return self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (KV groups) of the attention as it is now."""
+        return self.units // self.heads_per_unit
 
     def count(self, kind: Kind) -> int:
         return self.units if kind == "attn" else self.ffn
@@ -55,17 +63,33 @@ class UnitWeights:
     """The weights of one prunable site as plain tensors: all that a scoring method sees.
 
     `out` is the output projection (d x units*width) whose columns are grouped per unit; each tensor
-    in `ins` holds input-projection rows grouped per unit (units*r x d).
+    in `ins` holds input-projection rows grouped per unit (units*r x d): the query rows of each head,
+    the FFN input rows of each neuron. `shared_ins` holds rows that `group` consecutive units share
+    (units/group*r x d): the key and value rows of each K/V head (with `group` = 1 without GQA).
     """
 
     out: torch.Tensor
     bias: torch.Tensor | None
     ins: list[torch.Tensor]
     width: int
+    shared_ins: list[torch.Tensor] = field(default_factory=list)
+    group: int = 1
 
     @property
     def units(self) -> int:
         return self.out.shape[1] // self.width
+
+
+def kv_groups(heads: torch.Tensor, group: int) -> torch.Tensor:
+    """The K/V groups (sorted indices) that the kept query heads `heads` read, with `group` query
+    heads per K/V head. Raises unless every kept group keeps the same number of heads: transformers
+    repeats each K/V head `num_key_value_groups` times, one number per layer."""
+    heads = torch.as_tensor(heads, dtype=torch.long)
+    groups, counts = torch.unique(heads // group, return_counts=True)
+    if len(counts) and (counts != counts[0]).any():
+        raise ValueError(f"kept query heads {heads.tolist()} keep {counts.tolist()} heads of their K/V groups of {group}: "
+                         "every kept group of a layer must keep the same number")
+    return groups
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:
@@ -114,7 +138,8 @@ class Adapter:
         raise NotImplementedError
 
     def set_head_count(self, layer: nn.Module, heads: int) -> None:
-        """Update attributes that must follow the number of query heads (default: none)."""
+        """Update attributes that must follow the number of query heads (default: none); the
+        K/V projections are already cut when this is called."""
 
     def per_sequence_modules(self) -> list[nn.Module]:
         """Linear layers applied to one token per sequence (poolers, classifiers): for MACs."""
@@ -142,6 +167,7 @@ class Adapter:
 
     @property
     def heads_per_unit(self) -> int:
+        """Query heads per K/V head in the dense config (1 without grouped-query attention)."""
         kv = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
         return self.config.num_attention_heads // kv
 
@@ -154,10 +180,19 @@ class Adapter:
         layer = self.layers()[i]
         return [L.weight_of(get_path(layer, p)) for p in (self.q_path, self.k_path, self.v_path)]
 
-    def _cut_attention_inputs(self, i: int, keep: torch.Tensor) -> None:
+    def group_size(self, i: int) -> int:
+        """Query heads per K/V head in layer i as it is now: pruning may leave fewer than the config's."""
+        if self.heads_per_unit == 1 or self.attention_removed(i):
+            return self.heads_per_unit
         layer = self.layers()[i]
-        q_rows = L.unit_rows(keep, self.heads_per_unit * self.head_dim)
-        kv_rows = L.unit_rows(keep, self.head_dim)
+        return L.shape_of(get_path(layer, self.q_path))[0] // L.shape_of(get_path(layer, self.k_path))[0]
+
+    def _cut_attention_inputs(self, i: int, keep: torch.Tensor) -> None:
+        """Keep the query rows of the heads `keep` and the key/value rows of the K/V heads they read."""
+        layer = self.layers()[i]
+        groups = kv_groups(keep, self.group_size(i))
+        q_rows = L.unit_rows(keep, self.head_dim)
+        kv_rows = L.unit_rows(groups, self.head_dim)
         for path, rows in ((self.q_path, q_rows), (self.k_path, kv_rows), (self.v_path, kv_rows)):
             set_path(layer, path, L.sliced(get_path(layer, path), rows=rows))
 
@@ -197,11 +232,10 @@ class Adapter:
     def geometry(self, i: int) -> BlockGeometry:
         o = self.output_projection(i, "attn")
         down = self.output_projection(i, "ffn")
-        width = self.heads_per_unit * self.head_dim
         return BlockGeometry(
             d=self.hidden_size,
-            units=0 if o is None or self.attention_removed(i) else L.shape_of(o)[1] // width,
-            heads_per_unit=self.heads_per_unit,
+            units=0 if o is None or self.attention_removed(i) else L.shape_of(o)[1] // self.head_dim,
+            heads_per_unit=self.group_size(i),
             head_dim=self.head_dim,
             ffn=0 if down is None else L.shape_of(down)[1],
             gated=self.gated,
@@ -215,8 +249,10 @@ class Adapter:
         out = self.output_projection(i, kind)
         if geom.count(kind) == 0:
             raise ValueError(f"layer {i} has no {kind} units left")
+        shared = []
         if kind == "attn":
-            ins = self.attention_inputs(i)
+            q, *shared = self.attention_inputs(i)  # query rows per head; key and value rows per K/V head
+            ins = [q]
         else:
             ins = [L.weight_of(get_path(self.layers()[i], p)) for p in self.ffn_in_paths]
         return UnitWeights(
@@ -224,10 +260,13 @@ class Adapter:
             bias=None if out.bias is None else out.bias.detach(),
             ins=[w.detach() for w in ins],
             width=geom.width(kind),
+            shared_ins=[w.detach() for w in shared],
+            group=geom.heads_per_unit if kind == "attn" else 1,
         )
 
     def prune_block(self, i: int, keep_units: torch.Tensor, keep_neurons: torch.Tensor) -> None:
-        """Physically remove every attention unit and FFN neuron of layer i not listed as kept."""
+        """Physically remove every query head and FFN neuron of layer i not listed as kept (and
+        every K/V head none of whose query heads is kept; see `kv_groups` for what is legal)."""
         geom = self.geometry(i)
         keep_units = torch.as_tensor(keep_units, dtype=torch.long).sort().values
         keep_neurons = torch.as_tensor(keep_neurons, dtype=torch.long).sort().values
@@ -237,6 +276,7 @@ class Adapter:
             self._prune_ffn(i, keep_neurons)
 
     def _prune_attention(self, i: int, keep: torch.Tensor, geom: BlockGeometry) -> None:
+        kv_groups(keep, geom.heads_per_unit)  # a structure transformers can run, or an error before any cut
         layer = self.layers()[i]
         o = get_path(layer, self.o_path)
         set_path(layer, self.o_path, L.sliced(o, cols=L.unit_rows(keep, geom.unit_width)))
@@ -244,7 +284,7 @@ class Adapter:
             self._remove_attention(i)
             return
         self._cut_attention_inputs(i, keep)
-        self.set_head_count(layer, len(keep) * geom.heads_per_unit)
+        self.set_head_count(layer, len(keep))
 
     def _remove_attention(self, i: int) -> None:
         layer = self.layers()[i]
@@ -329,12 +369,24 @@ class Adapter:
                 block.narrow(keep)
 
     def sizes(self) -> list[list[int]]:
-        """Per-layer [attention units, FFN neurons]: what a saved config must carry."""
-        return [[g.units, g.ffn] for g in self.geometries()]
+        """Per-layer [query heads, FFN neurons], and with grouped-query attention a third entry,
+        the K/V heads: what a saved config must carry."""
+        gqa = self.heads_per_unit > 1
+        return [[g.units, g.ffn, g.kv_heads] if gqa else [g.units, g.ffn] for g in self.geometries()]
 
     def resize(self, sizes: list[list[int]]) -> None:
-        """Give a freshly built model the per-layer sizes of a pruned one (weights are loaded after)."""
+        """Give a freshly built model the per-layer sizes of a pruned one (weights are loaded after).
+
+        A two-entry size of a GQA model was saved when the attention unit was a whole KV group:
+        [KV groups, FFN neurons], every group complete."""
         if len(sizes) != self.num_layers:
             raise ValueError(f"expected sizes for {self.num_layers} layers, got {len(sizes)}")
-        for i, (units, ffn) in enumerate(sizes):
-            self.prune_block(i, torch.arange(units), torch.arange(ffn))
+        g = self.heads_per_unit
+        for i, entry in enumerate(sizes):
+            if len(entry) == 2:
+                (groups, ffn), per_group = entry, g
+            else:
+                heads, ffn, groups = entry
+                per_group = heads // groups if groups else 0
+            keep = (torch.arange(groups)[:, None] * g + torch.arange(per_group)[None, :]).reshape(-1)
+            self.prune_block(i, keep, torch.arange(ffn))

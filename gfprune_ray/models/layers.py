@@ -130,7 +130,7 @@ def norm_over(module: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.T
 
 
 def unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
-    """Row indices of whole units of `width` consecutive rows (heads, KV groups)."""
+    """Row indices of whole units of `width` consecutive rows (heads, K/V heads)."""
     offsets = torch.arange(width)
     return (units[:, None] * width + offsets[None, :]).reshape(-1)
 

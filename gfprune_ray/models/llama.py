@@ -1,14 +1,16 @@
 """Llama-layout decoders (Llama, Mistral, Qwen2, Qwen3): gated FFN, grouped-query attention.
 
-With grouped-query attention the attention unit is a whole KV group: one key/value head and the
-query heads that read it. Head counts live nowhere in these modules (shapes are inferred), so
-nothing but the weights has to change.
+With grouped-query attention the attention unit is still one query head; a key/value head goes
+once none of the query heads that read it is left. Head counts live nowhere in these modules
+(shapes are inferred) except `num_key_value_groups`, how many times attention repeats each K/V
+head: one number per layer, which `set_head_count` sets from what the layer kept.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from . import layers as L
 from .base import Adapter
 
 
@@ -29,3 +31,8 @@ class LlamaAdapter(Adapter):
 
     def layers(self) -> nn.ModuleList:
         return self.base.layers
+
+    def set_head_count(self, layer: nn.Module, heads: int) -> None:
+        attention = layer.self_attn
+        kv_heads = L.shape_of(attention.k_proj)[0] // attention.head_dim
+        attention.num_key_value_groups = heads // kv_heads
