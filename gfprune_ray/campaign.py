@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import UserError
 from .loading import PACKAGED_PREFIX, looks_like_path
@@ -45,6 +45,8 @@ def _one_of(allowed, what: str):
 Budget = Annotated[float, Field(gt=0, le=1, description="fraction of prunable MACs kept")]
 Method = Annotated[str, _one_of(METHOD_NAMES, "method")]
 Positive = Annotated[int, Field(ge=1)]
+# evaluation corpora: a list, or one comma-separated string as on the command line
+Sources = Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(lambda v: [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v)]
 
 
 class ModelEntry(BaseModel):
@@ -76,6 +78,7 @@ class Campaign(BaseModel):
     budgets: list[Budget] = Field(list(DEFAULT_BUDGETS), min_length=1)
     methods: list[Method] = Field(["gfp"], min_length=1)
     data: str = "pydoc"
+    eval_data: Sources = []  # measured besides the calibration data; not part of a unit's key (README)
     samples: Annotated[int, Field(ge=2)] = 256
     eval_samples: Positive = 256
     seq_len: Positive = 128

@@ -21,7 +21,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DATA_HELP = "Text file (one example per line), JSONL or Parquet with a 'text' column, a folder of those, 'pydoc' for the bundled English corpus, or a hub dataset name."
+DATA_HELP = "Text file (one example per line), JSONL or Parquet with a 'text' column, a folder of those, a named corpus ('pydoc': the bundled English corpus; 'austen': Jane Austen's novels, from 'make corpora'; 'licenses': Debian's license texts), or a hub dataset name."
+EVAL_DATA_HELP = ("More corpora to measure quality on, comma-separated, each anything --data takes (e.g. pydoc,austen,licenses): "
+                  "each gives --eval-samples examples and its own metrics, <metric>/<corpus>. The calibration data is always "
+                  "measured, on the examples held back from calibration.")
 METHOD_HELP = (
     "gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random (unit scores), llm-surgeon (curvature, correlated updates, "
     "several shots), cofi or flop (gates trained with the weights on Ray Train); the last three ignore --reconstruct."
@@ -32,7 +35,7 @@ STEPS_HELP = ("cofi, flop: steps that train the gates with the weights; a quarte
               "about 10000 (the papers train for epochs).")
 CHECKPOINT_EVERY = 50  # = methods.trained.CHECKPOINT_EVERY
 CHECKPOINT_HELP = "cofi, flop: training steps between checkpoints; a killed run resumes from the last one when the same command runs again."
-MODEL_HELP = "Local model folder, hub id, or pkg:all-minilm-l6-v2 for the packaged MiniLM."
+MODEL_HELP = "Local model folder, hub id, a llama.cpp .gguf file, or a packaged model: pkg:all-minilm-l6-v2, pkg:all-mpnet-base-v2, pkg:smollm2-135m."
 
 
 def _fail(message: str) -> None:
@@ -70,6 +73,7 @@ def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the pruned model (must not exist, or be empty)."),
     data: str = typer.Option("pydoc", "--data", "-d", help=DATA_HELP),
+    eval_data: str | None = typer.Option(None, "--eval-data", help=EVAL_DATA_HELP),
     budget: float = typer.Option(0.6, "--budget", "-b", help="Fraction of the prunable MACs to keep, in (0, 1]."),
     method: str = typer.Option("gfp", help=METHOD_HELP),
     reconstruct: str = typer.Option("full", help="New weights for kept units: full, scale or none."),
@@ -90,8 +94,8 @@ def prune(
     from .single import PruneOptions, prune_model
 
     opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shots, steps, checkpoint_every)
-    report = _run(lambda: prune_model(model, data, opts, out, stats, force))
-    _print_report(f"{model} @ budget {budget} ({method}, {reconstruct})", report["metrics"], report["timings"])
+    report = _run(lambda: prune_model(model, data, opts, out, stats, force, _names(eval_data)))
+    _print_report(f"{model} @ budget {budget} ({method}, {reconstruct}; calibrated on {report['calibration_corpus']})", report["metrics"], report["timings"])
     typer.echo(f"saved to {out} (load with gfprune_ray.load_pruned({str(out)!r}))")
 
 
@@ -99,6 +103,7 @@ def prune(
 def evaluate(
     path: Path = typer.Argument(..., help="A folder written by `gfprune-ray prune`."),
     data: str | None = typer.Option(None, "--data", "-d", help=DATA_HELP + " Default: the data it was pruned with."),
+    eval_data: str | None = typer.Option(None, "--eval-data", help=EVAL_DATA_HELP + " Default: those it was pruned with."),
     dense: str | None = typer.Option(None, help="Dense model to compare with (default: the one it was pruned from)."),
     eval_samples: int | None = typer.Option(None, help="Evaluation examples (default: as when pruned)."),
     samples: int | None = typer.Option(None, help="Calibration examples left out of evaluation (default: as when pruned)."),
@@ -112,7 +117,7 @@ def evaluate(
     Without options it evaluates on the examples that `prune` held back from calibration."""
     from .single import evaluate_saved
 
-    overrides = dict(data=data, eval_samples=eval_samples, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, latency_repeats=latency_repeats)
+    overrides = dict(data=data, eval_data=_names(eval_data), eval_samples=eval_samples, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, latency_repeats=latency_repeats)
     report = _run(lambda: evaluate_saved(path, overrides, dense))
     _print_report(f"{path}", report["metrics"])
 
@@ -139,6 +144,7 @@ def sweep(
     budgets: str | None = typer.Option(None, "--budgets", "-b", help="Fractions of prunable MACs to keep, comma-separated, each in (0, 1].", show_default="0.9,0.8,0.7,0.6"),
     methods: str | None = typer.Option(None, "--methods", help="Methods, comma-separated: gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random, llm-surgeon, cofi, flop.", show_default="gfp"),
     data: str | None = typer.Option(None, "--data", "-d", help=DATA_HELP + " A datasets.save_to_disk folder works too.", show_default="pydoc"),
+    eval_data: str | None = typer.Option(None, "--eval-data", help=EVAL_DATA_HELP + " Finished units of a rerun are measured on corpora they lack."),
     samples: int | None = typer.Option(None, help="Calibration examples (every 5th is held out to tune reconstruction).", show_default="256"),
     eval_samples: int | None = typer.Option(None, help="Evaluation examples, disjoint from calibration.", show_default="256"),
     seq_len: int | None = typer.Option(None, help="Tokens per example.", show_default="128"),
@@ -167,7 +173,7 @@ def sweep(
     from .sweep import run_sweep
 
     options = {
-        "budgets": _floats(budgets, "budgets"), "methods": _names(methods), "data": data, "samples": samples,
+        "budgets": _floats(budgets, "budgets"), "methods": _names(methods), "data": data, "eval_data": _names(eval_data), "samples": samples,
         "eval_samples": eval_samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
         "reconstruction": reconstruct, "allocation": allocation, "workers": workers, "out": out, "experiment": experiment,
         "address": address, "tracking_uri": tracking_uri, "save_models": save_models, "cache_dir": cache_dir,

@@ -1,8 +1,8 @@
-"""Text input: files (text, JSONL, Parquet, or folders of them), the bundled corpus, hub datasets;
+"""Text input: files (text, JSONL, Parquet, or folders of them), the named corpora, hub datasets;
 split into disjoint calibration and evaluation examples; tokenized into padded batches.
 
-The bundled corpus `pydoc` is the English prose every CPython ships in `pydoc_data.topics` (the
-language reference topics), split into paragraphs: real text that needs no download.
+The named corpora (`corpora.py`: `pydoc`, bundled with every CPython and needing no download;
+`austen`; `licenses`) are lists of paragraphs. A corpus name wins over a hub dataset name.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .corpora import CORPORA, MIN_PARAGRAPH_CHARS, pydoc_paragraphs  # noqa: F401 (re-exported)
 from .errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where it is used: Ray Data workers load this module and need no torch
     import torch
 
-BUNDLED = "pydoc"
+BUNDLED = "pydoc"  # the default corpus: ships with Python
 TEXT_SUFFIXES = {".txt", ".text"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
-MIN_PARAGRAPH_CHARS = 80
 HELDOUT_EVERY = 5  # every 5th calibration example is held out to choose the ridge of `full`
 
 
@@ -37,18 +37,6 @@ class Examples:
 
     def subset(self, idx: list[int]) -> Examples:
         return Examples([self.texts[i] for i in idx], None if self.labels is None else [self.labels[i] for i in idx])
-
-
-def pydoc_paragraphs() -> list[str]:
-    from pydoc_data.topics import topics
-
-    paragraphs = []
-    for name in sorted(topics):
-        for block in re.split(r"\n\s*\n", topics[name]):
-            text = " ".join(block.split())
-            if len(text) >= MIN_PARAGRAPH_CHARS:
-                paragraphs.append(text)
-    return paragraphs
 
 
 def _read_text_file(path: Path) -> Examples:
@@ -132,9 +120,9 @@ def _read_hub(name: str) -> Examples:
 
 
 def read_examples(source: str) -> Examples:
-    """All examples of a data source: `pydoc`, a file, a folder of files, or a hub dataset name."""
-    if source == BUNDLED:
-        examples = Examples(pydoc_paragraphs())
+    """All examples of a data source: a named corpus (`CORPORA`), a file, a folder of files, or a hub dataset name."""
+    if source in CORPORA:
+        examples = Examples(CORPORA[source]())
     else:
         path = Path(source)
         if path.is_dir():
@@ -152,6 +140,45 @@ def read_examples(source: str) -> Examples:
     if not examples.texts:
         raise UserError(f"{source}: no text examples")
     return examples
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Two spellings of one source: equal names, or paths to the same file or folder."""
+    if a == b:
+        return True
+    if a in CORPORA or b in CORPORA or not (Path(a).exists() and Path(b).exists()):
+        return False
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def source_label(source: str) -> str:
+    """A source's name in metric names (`relative_quality/<label>`): the corpus name, a file's
+    stem, a folder's name or a hub name (/ as --), in the characters MLflow allows."""
+    if source in CORPORA:
+        return source
+    path = Path(source)
+    if path.exists():
+        name = path.stem if path.is_file() else path.resolve().name
+    else:
+        name = source.replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9_\-. ]", "_", name).strip(" .") or "data"
+
+
+def evaluation_sources(data: str, eval_data: list[str] | None) -> dict[str, str]:
+    """label -> source of every evaluation corpus, the calibration data first; a source that
+    repeats the calibration data (or an earlier one) is dropped, repeated labels get -2, -3, ..."""
+    sources = [data]
+    for source in eval_data or []:
+        source = source.strip()
+        if source and not any(_same_source(source, s) for s in sources):
+            sources.append(source)
+    out: dict[str, str] = {}
+    for source in sources:
+        label, n = source_label(source), 1
+        while (label if n == 1 else f"{label}-{n}") in out:
+            n += 1
+        out[label if n == 1 else f"{label}-{n}"] = source
+    return out
 
 
 def example_key(seed: int, text: str) -> int:

@@ -5,6 +5,8 @@ Quality is reported per model kind and never folded into one easy number:
 - encoders: fidelity, the mean cosine similarity of the pruned model's sentence embeddings
   (mean pooling over non-padding tokens, L2-normalised) to the dense model's; and accuracy when
   the model has a classification head and the data has labels.
+Each is measured per evaluation corpus (`CorpusReferences`): the calibration data's held-back
+examples and any other corpora, so that a model pruned on one domain is judged on others too.
 """
 
 from __future__ import annotations
@@ -124,6 +126,39 @@ class QualityReference:
         if self.labels is not None:
             result["accuracy"] = accuracy(model, self.batches, self.labels)
             result["dense_accuracy"] = self.dense_accuracy
+        return result
+
+
+class CorpusReferences:
+    """One QualityReference per evaluation corpus (label -> reference), the calibration corpus's
+    among them. `measure` reports the calibration corpus's metrics under their plain names (as a
+    single reference does) and every corpus's as `<metric>/<label>`."""
+
+    def __init__(self, references: dict[str, QualityReference], calibration: str):
+        if calibration not in references:
+            raise ValueError(f"no reference for the calibration corpus {calibration!r}")
+        self.references, self.calibration = references, calibration
+
+    @classmethod
+    def build(cls, dense: nn.Module, adapter: Adapter, corpora: dict[str, tuple[list[dict], list[int] | None]], calibration: str,
+              on_batch=None, task: str = "auto") -> CorpusReferences:
+        """References from label -> (batches, labels). `task` applies to the calibration corpus; a
+        classification task falls back to auto on a corpus without labels."""
+        refs = {}
+        for label, (batches, labels) in corpora.items():
+            own = "auto" if task == "classification" and labels is None and label != calibration else task
+            refs[label] = QualityReference(dense, adapter, batches, labels, on_batch, task=own)
+        return cls(refs, calibration)
+
+    def __len__(self) -> int:
+        """Batches that one measurement runs through the model."""
+        return sum(len(r.batches) for r in self.references.values())
+
+    def measure(self, model: nn.Module, on_batch=None) -> dict:
+        per_corpus = {label: ref.measure(model, on_batch) for label, ref in self.references.items()}
+        result = dict(per_corpus[self.calibration])
+        for label, metrics in per_corpus.items():
+            result |= {f"{k}/{label}": v for k, v in metrics.items() if k != "quality_metric"}
         return result
 
 

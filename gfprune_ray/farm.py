@@ -7,7 +7,7 @@
     score_site (tasks)       one per (model, method, site)
     search (task)            one per (model, method, budget): masks under the MACs budget
     reconstruct_site (tasks) one per (model, method, budget, site): new output weights
-    reference (task)         one per model: what the dense model scores on the evaluation text
+    reference (task)         one per model: what the dense model scores on each evaluation corpus
     evaluate_unit (task)     one per (model, method, budget): cut, measure, pack the saved model
 
 Arguments are object refs wherever a stage consumes another's output, so statistics and weights
@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import ray
 import torch
 
-from .evaluate import QualityReference, efficiency
+from .evaluate import CorpusReferences, efficiency
 from .curvature import collect_curvature
 from .methods import get_method
 from .methods.surgeon import SurgeonState
@@ -292,15 +292,22 @@ def reconstruct_site(mode: str, masks: Timed, site: Site, weights: UnitWeights, 
 # ---- evaluate ------------------------------------------------------------------------------
 
 
-@ray.remote(num_cpus=1)
-def reference(source: str, eval_data, batch_size: int, task: str) -> QualityReference:
-    set_threads(1)
-    adapter, _ = _load(source)
+def _batches_and_labels(eval_data, batch_size: int) -> tuple[list[dict], list[int] | None]:
     batches = [{k: v for k, v in b.items() if k != "heldout"} for b in iter_torch_batches(eval_data, batch_size)]
     labels = None
     if "label" in eval_data.columns():
         labels = [int(r["label"]) for r in eval_data.select_columns(["label"]).iter_rows()]
-    return QualityReference(adapter.model, adapter, batches, labels, task=task)
+    return batches, labels
+
+
+@ray.remote(num_cpus=1)
+def reference(source: str, corpora: dict, calibration: str, batch_size: int, task: str) -> CorpusReferences:
+    """The dense model's scores on every evaluation corpus (label -> tokenized dataset), computed
+    once per model and shared by all its units."""
+    set_threads(1)
+    adapter, _ = _load(source)
+    data = {label: _batches_and_labels(ds, batch_size) for label, ds in corpora.items()}
+    return CorpusReferences.build(adapter.model, adapter, data, calibration, task=task)
 
 
 @dataclass
@@ -318,7 +325,7 @@ def _pack(folder: Path) -> dict[str, bytes]:
 
 
 @ray.remote(num_cpus=1)
-def evaluate_unit(spec: EvalSpec, ref: QualityReference, masks: Timed, *recs: Timed, timings: dict | None = None) -> dict:
+def evaluate_unit(spec: EvalSpec, ref: CorpusReferences, masks: Timed, *recs: Timed, timings: dict | None = None) -> dict:
     """Cut a copy of the model, measure it against the dense one, pack the saved model's files.
     `timings` (seconds of stages that ran before, e.g. LLM Surgeon's shots) replace the defaults."""
     set_threads(1)
@@ -334,7 +341,7 @@ def evaluate_unit(spec: EvalSpec, ref: QualityReference, masks: Timed, *recs: Ti
     return result | {"timings": timings}
 
 
-def measure_and_pack(spec: EvalSpec, ref: QualityReference, dense, pruned, tokenizer, masks_json: dict, extra: dict) -> dict:
+def measure_and_pack(spec: EvalSpec, ref: CorpusReferences, dense, pruned, tokenizer, masks_json: dict, extra: dict) -> dict:
     """Quality and efficiency of a cut model next to the dense one, and the saved model's files."""
     metrics = ref.measure(pruned.model) | efficiency(dense, pruned, seq_len=spec.latency_seq_len, repeats=spec.latency_repeats) | extra
     files = None

@@ -19,7 +19,7 @@ import numpy as np
 import ray
 
 from .data import (
-    BUNDLED,
+    CORPORA,
     JSON_SUFFIXES,
     PARQUET_SUFFIXES,
     TEXT_SUFFIXES,
@@ -27,7 +27,6 @@ from .data import (
     heldout_flags,
     is_hub_name,
     load_hf_dataset,
-    pydoc_paragraphs,
     split_sizes,
 )
 from .errors import UserError
@@ -57,15 +56,18 @@ def _read_files(files: list[Path]) -> ray.data.Dataset:
 
 
 def check_source(source: str) -> None:
-    """Fail early, before Ray or MLflow are touched, on a data path that does not exist."""
-    if source != BUNDLED and not Path(source).exists() and not is_hub_name(source):
+    """Fail early, before Ray or MLflow are touched, on a data path that does not exist or a named
+    corpus that is not installed (reading one takes well under a second)."""
+    if source in CORPORA:
+        CORPORA[source]()
+    elif not Path(source).exists() and not is_hub_name(source):
         raise UserError(f"data not found: {source}")
 
 
 def read_dataset(source: str) -> ray.data.Dataset:
     """The examples of a data source as a Ray Dataset with a `text` column (and `label` if any)."""
-    if source == BUNDLED:
-        return ray.data.from_items([{"text": t} for t in pydoc_paragraphs()])
+    if source in CORPORA:
+        return ray.data.from_items([{"text": t} for t in CORPORA[source]()])
     check_source(source)
     path = Path(source)
     if _is_saved_dataset(path) or is_hub_name(source):
@@ -103,8 +105,10 @@ def _smallest_keys(keyed: ray.data.Dataset, n: int) -> list[dict]:
     return sorted(rows, key=lambda r: (int(r["key"]), str(r["text"])))[:n]
 
 
-def select_examples(ds: ray.data.Dataset, samples: int, eval_samples: int, seed: int, source: str = "data") -> tuple[list[dict], list[dict]]:
-    """(calibration rows, evaluation rows), each row {text, heldout[, label]}, in key order."""
+def select_examples(ds: ray.data.Dataset, samples: int, eval_samples: int, seed: int, source: str = "data",
+                    eval_only: bool = False) -> tuple[list[dict], list[dict]]:
+    """(calibration rows, evaluation rows), each row {text, heldout[, label]}, in key order.
+    `eval_only` (a corpus that only evaluates): the same evaluation rows, no calibration rows."""
     try:
         keyed = ds.map_batches(_keyed, fn_kwargs={"seed": seed}, batch_format="numpy").materialize()
         total = keyed.count()
@@ -115,12 +119,14 @@ def select_examples(ds: ray.data.Dataset, samples: int, eval_samples: int, seed:
     if total == 0:
         raise UserError(f"{source}: no text examples")
     n_calib, n_eval = split_sizes(total, samples, eval_samples)
-    if n_calib < 2:
+    if eval_only:
+        n_calib = 0
+    elif n_calib < 2:
         raise UserError(f"need at least 2 calibration examples (one is held out), got {n_calib}")
     rows = _smallest_keys(keyed, n_eval + n_calib)
     labelled = all(isinstance(r.get("label"), (int, np.integer)) for r in rows)
     clean = [{"text": r["text"]} | ({"label": int(r["label"])} if labelled else {}) for r in rows]
-    held = heldout_flags(n_calib)
+    held = heldout_flags(n_calib) if n_calib else []
     calibration = [r | {"heldout": h} for r, h in zip(clean[n_eval:], held)]
     return calibration, [r | {"heldout": False} for r in clean[:n_eval]]
 

@@ -1,4 +1,7 @@
-"""A campaign's results as one table (CSV, Markdown, terminal) and one quality-vs-MACs plot."""
+"""A campaign's results as one table (CSV, Markdown, terminal) and one quality-vs-MACs plot.
+
+The table has a relative-quality column per evaluation corpus, the calibration corpus's marked
+`(calib)`; the plot shows the calibration corpus's."""
 
 from __future__ import annotations
 
@@ -37,9 +40,29 @@ def _cell(record: dict, key: str, fmt: str) -> str:
         return str(value)
 
 
+CORPUS_METRIC = "relative_quality/"  # + label: a unit's relative quality on one evaluation corpus
+
+
+def columns(records: list[dict]) -> list[tuple[str, str, str]]:
+    """COLUMNS with one relative-quality column per evaluation corpus (the calibration corpus's
+    first, marked), in place of the plain one where every record has its calibration corpus's."""
+    calibration = {str(r["calibration_corpus"]) for r in records if r.get("calibration_corpus")}
+    labels = sorted({k.removeprefix(CORPUS_METRIC) for r in records for k in r if k.startswith(CORPUS_METRIC)},
+                    key=lambda label: (label not in calibration, label))
+    corpora = [(f"{label} (calib)" if label in calibration else label, CORPUS_METRIC + label, "{:.4f}") for label in labels]
+    redundant = corpora and all(r.get("relative_quality") in (None, "") or f"{CORPUS_METRIC}{r.get('calibration_corpus')}" in r for r in records)
+    out = []
+    for column in COLUMNS:
+        if column[1] != "relative_quality":
+            out.append(column)
+            continue
+        out += ([] if redundant else [column]) + corpora
+    return out
+
+
 def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     records = sorted(records, key=_sort_key)
-    used = [c for c in COLUMNS if any(r.get(c[1]) not in (None, "") for r in records)]
+    used = [c for c in columns(records) if any(r.get(c[1]) not in (None, "") for r in records)]
     return [c[0] for c in used], [[_cell(r, key, fmt) for _, key, fmt in used] for r in records]
 
 

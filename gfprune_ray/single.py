@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
-from .data import Examples, batches_fingerprint, mean_tokens_per_sequence, read_examples, split_examples, tokenize, with_labels
+from .data import (Examples, batches_fingerprint, evaluation_sources, mean_tokens_per_sequence, read_examples, split_examples, tokenize,
+                   with_labels)
 from .errors import UserError
-from .evaluate import QualityReference, efficiency
+from .evaluate import CorpusReferences, efficiency
 from .flops import check_budget
 from .loading import load_model
 from .methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
@@ -105,6 +106,31 @@ def prepare_batches(tokenizer, examples: Examples, opts: PruneOptions):
     return calib_batches, eval_batches, evaluation.labels
 
 
+def read_other_corpora(data: str, eval_data: list[str] | None) -> tuple[dict[str, str], dict[str, Examples]]:
+    """(label -> source of every evaluation corpus, the calibration data's first; label -> examples
+    of the others). Read here, before any model is loaded, so that a bad source fails first."""
+    sources = evaluation_sources(data, eval_data)
+    return sources, {label: read_examples(source) for label, source in list(sources.items())[1:]}
+
+
+def references(dense, sources: dict[str, str], eval_batches: list[dict], labels, others: dict[str, Examples], tokenizer, opts: PruneOptions) -> CorpusReferences:
+    """The dense model's scores on every evaluation corpus: the calibration data's held-back
+    examples, and from each other corpus the `eval_samples` examples its seeded split evaluates
+    (the ones it would evaluate were it the calibration data)."""
+    calibration = next(iter(sources))
+    corpora = {calibration: (eval_batches, labels)}
+    for label, examples in others.items():
+        evaluation = split_examples(examples, opts.samples, opts.eval_samples, opts.seed)[1]
+        corpora[label] = (tokenize(tokenizer, evaluation.texts, opts.seq_len, opts.batch_size), evaluation.labels)
+    with bar("reference", sum(len(batches) for batches, _ in corpora.values())) as step:
+        return CorpusReferences.build(dense.model, dense, corpora, calibration, on_batch=step)
+
+
+def corpus_record(sources: dict[str, str]) -> dict:
+    """What a report says about its evaluation corpora (label -> source, the calibration data's first)."""
+    return {"eval_data": list(sources.values())[1:], "calibration_corpus": next(iter(sources)), "corpora": sources}
+
+
 def obtain_statistics(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | None) -> tuple[Calibration, str, bool]:
     """Load statistics from `stats_path` when it exists (refusing a foreign file), else collect
     them (and save them there). Returns (calibration, fingerprint, reused)."""
@@ -143,8 +169,8 @@ def check_seq_len(adapter, seq_len: int) -> None:
         raise UserError(f"--seq-len {seq_len} exceeds the {limit} positions this model supports")
 
 
-def measure(dense_adapter, pruned_adapter, reference: QualityReference, opts: PruneOptions) -> dict:
-    with bar("evaluate", len(reference.batches)) as step:
+def measure(dense_adapter, pruned_adapter, reference: CorpusReferences, opts: PruneOptions) -> dict:
+    with bar("evaluate", len(reference)) as step:
         quality = reference.measure(pruned_adapter.model, on_batch=step)
     seq_len = latency_seq_len(dense_adapter)
     return quality | efficiency(dense_adapter, pruned_adapter, seq_len=seq_len, repeats=opts.latency_repeats)
@@ -231,12 +257,15 @@ def _fit_with_progress(job, steps: int) -> Path:
         return running.result()
 
 
-def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_path: Path | None = None, force: bool = False) -> dict:
-    """Prune one model to one budget and save it to `out`; returns the report (also in gfprune.json)."""
+def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_path: Path | None = None, force: bool = False,
+                eval_data: list[str] | None = None) -> dict:
+    """Prune one model to one budget and save it to `out`; returns the report (also in gfprune.json).
+    Quality is measured on the held-back examples of `data` and on each source of `eval_data`."""
     opts.validate()
     timings = {}
     with staged_output(out, force) as staging:
         examples = read_examples(data)  # bad data fails here, before a model is loaded
+        sources, others = read_other_corpora(data, eval_data)
         model, tokenizer = load_model(source)
         adapter = supported_adapter(model, source)
         check_seq_len(adapter, opts.seq_len)
@@ -256,8 +285,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
             apply_pruning(adapter, result.masks, result.weights)
             timings["surgery_s"] = time.perf_counter() - start
             summary, masks_json, curve, storage = result.summary(), result.masks.to_json(), None, None
-        with bar("reference", len(eval_batches)) as step:
-            reference = QualityReference(dense.model, dense, eval_batches, labels, on_batch=step)
+        reference = references(dense, sources, eval_batches, labels, others, tokenizer, opts)
         start = time.perf_counter()
         metrics = measure(dense, adapter, reference, opts)
         timings["evaluate_s"] = time.perf_counter() - start
@@ -265,6 +293,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
             "gfprune_ray": __version__,
             "source": source,
             "data": data,
+            **corpus_record(sources),
             "options": asdict(opts),
             **calibration_record,
             "metrics": metrics | summary,
@@ -296,13 +325,15 @@ def evaluate_saved(path: Path, overrides: dict, dense_source: str | None = None)
     path = Path(path)
     record = _read_record(path)
     recorded = {k: v for k, v in record.get("options", {}).items() if k in PruneOptions.__dataclass_fields__}
-    settings = {"data": record.get("data", "pydoc")} | recorded | {k: v for k, v in overrides.items() if v is not None}
-    data = settings.pop("data")
+    settings = {"data": record.get("data", "pydoc"), "eval_data": record.get("eval_data", [])} | recorded
+    settings |= {k: v for k, v in overrides.items() if v is not None}
+    data, eval_data = settings.pop("data"), settings.pop("eval_data")
     opts = PruneOptions(**settings).validate()
     dense_source = dense_source or record.get("source")
     if not dense_source:
         raise UserError(f"{path / RECORD_FILE} names no dense model: pass --dense")
     examples = read_examples(data)
+    sources, others = read_other_corpora(data, eval_data)
     dense_model, tokenizer = load_model(dense_source)
     dense = supported_adapter(dense_model, dense_source)
     try:
@@ -310,10 +341,9 @@ def evaluate_saved(path: Path, overrides: dict, dense_source: str | None = None)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load pruned model {path}: {str(exc).splitlines()[0]}") from None
     _, eval_batches, labels = prepare_batches(tokenizer, examples, opts)
-    with bar("reference", len(eval_batches)) as step:
-        reference = QualityReference(dense_model, dense, eval_batches, labels, on_batch=step)
+    reference = references(dense, sources, eval_batches, labels, others, tokenizer, opts)
     metrics = measure(dense, adapter_for(pruned), reference, opts)
-    report = {"model": str(path), "dense": dense_source, "data": data, "options": asdict(opts), "metrics": metrics}
+    report = {"model": str(path), "dense": dense_source, "data": data, **corpus_record(sources), "options": asdict(opts), "metrics": metrics}
     tmp = path / "eval.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(path / "eval.json")

@@ -9,6 +9,7 @@ of methods and budgets, and are cached on disk for later campaigns.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import ray
 from . import __version__
 from . import farm, surgeon_farm, train_farm
 from .campaign import Campaign, ModelEntry, Unit
-from .data import with_labels
+from .data import CORPORA, evaluation_sources, with_labels
 from .errors import UserError
 from .methods import SURGEON, TRAINED_METHODS
 from .progress import StageProgress
@@ -27,7 +28,7 @@ from .ray_data import check_source, fingerprint_and_length, iter_torch_batches, 
 from .report import print_table, write_summary
 from .single import LATENCY_SEQ_LEN, staged_output
 from .stats import ModelStats, load_stats, save_stats, stats_fingerprint
-from .tracking import Tracker, package_versions
+from .tracking import CORPORA_TAG, Tracker, package_versions
 from .train_ray import TrainJob
 from .training import Schedule
 
@@ -75,6 +76,12 @@ class SweepResult:
     campaign_run: str
 
 
+def _where(source: str) -> str:
+    """A source as unit runs record it: a file or folder by its resolved path, names as they are."""
+    path = Path(source)
+    return str(path.resolve()) if source not in CORPORA and path.exists() else source
+
+
 def _error_text(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).strip().splitlines()
@@ -90,17 +97,24 @@ class Sweep:
         self.counter = None
         self.train_counter = None
         self.failures: list[str] = []
+        self.sources = evaluation_sources(campaign.data, campaign.eval_data)  # label -> source, calibration first
+        self.calibration = next(iter(self.sources))
+        # where each corpus is (a resolved path for files), as the unit runs' CORPORA_TAG records it
+        self.where = {label: _where(source) for label, source in self.sources.items()}
+        # unit key -> (run id, labels to add, corpora recorded) of a finished unit measured again on new corpora
+        self.remeasure: dict[str, tuple[str, set[str], dict[str, str]]] = {}
 
     # ---- preparing a model -----------------------------------------------------------------
 
-    def prepare(self, work: ModelWork, calib_rows: list[dict], eval_rows: list[dict]) -> None:
-        """Everything up to submitting the model's units; raises on a model that cannot be used."""
+    def prepare(self, work: ModelWork, calib_rows: list[dict], eval_rows: dict[str, list[dict]]) -> None:
+        """Everything up to submitting the model's units; raises on a model that cannot be used.
+        `eval_rows`: label -> evaluation rows of each corpus, the calibration data's first."""
         source, seq_len = work.entry.source, self.c.seq_len_of(work.entry)
         work.info = ray.get(farm.describe.remote(source))
         if work.info.max_positions is not None and seq_len > work.info.max_positions:
             raise UserError(f"seq-len {seq_len} exceeds the {work.info.max_positions} positions this model supports")
         calib = tokenize_rows(calib_rows, source, seq_len, self.c.batch_size)
-        evaluation = tokenize_rows(eval_rows, source, seq_len, self.c.batch_size)
+        evaluation = {label: tokenize_rows(rows, source, seq_len, self.c.batch_size) for label, rows in eval_rows.items()}
         data_fp, work.mean_seq_len = fingerprint_and_length(calib, self.c.batch_size)
         work.stats_fp = stats_fingerprint(work.info.fingerprint, data_fp, seq_len, self.c.samples)
         work.stats_path = self.c.stats_dir() / f"{work.stats_fp}.safetensors"
@@ -131,10 +145,10 @@ class Sweep:
         self.progress.add("collect", batches)
         self.collecting.append(work)
 
-    def submit_units(self, work: ModelWork, evaluation, shards: list | None = None) -> None:
+    def submit_units(self, work: ModelWork, evaluation: dict, shards: list | None = None) -> None:
         info, c = work.info, self.c
         weights = farm.submit_site_weights(work.entry.source, info.sites)
-        ref = farm.reference.remote(work.entry.source, evaluation, c.batch_size, work.entry.task)
+        ref = farm.reference.remote(work.entry.source, evaluation, self.calibration, c.batch_size, work.entry.task)
         scored = work.units_of("scored")
         for method in dict.fromkeys(u.method for u in scored):
             work.scores[method] = [farm.score_site.remote(method, weights[s], work.sites[s], c.seed, s) for s in info.sites]
@@ -178,7 +192,8 @@ class Sweep:
 
     def _eval_spec(self, unit: Unit, work: ModelWork) -> farm.EvalSpec:
         c = self.c
-        return farm.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, c.save_models, self._record(unit, work))
+        save = c.save_models and unit.key not in self.remeasure  # a unit measured again has its model saved already
+        return farm.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, save, self._record(unit, work))
 
     def _train_storage(self) -> Path:
         return (self.c.out / ".train").absolute()
@@ -202,7 +217,8 @@ class Sweep:
     def _record(self, unit: Unit, work: ModelWork) -> dict:
         """gfprune.json of a saved model: what `gfprune-ray eval` needs to re-measure it."""
         return {
-            "gfprune_ray": __version__, "source": unit.entry.source, "data": self.c.data, "options": self._options(unit),
+            "gfprune_ray": __version__, "source": unit.entry.source, "data": self.c.data, "eval_data": list(self.sources.values())[1:],
+            "calibration_corpus": self.calibration, "corpora": self.sources, "options": self._options(unit),
             "stats_fingerprint": work.stats_fp, "mean_seq_len": work.mean_seq_len, "unit_key": unit.key,
         }
 
@@ -249,21 +265,24 @@ class Sweep:
         if work in self.collecting:  # the unit finished within the poll that saw its statistics done
             self.collecting.remove(work)
             self._cache_statistics(work)
-        params = {"model": unit.name, "source": unit.entry.source, "data": c.data, "task": unit.entry.task}
+        if unit.key in self.remeasure:
+            self._finish_remeasure(unit, ref)
+            return
+        params = {"model": unit.name, "source": unit.entry.source, "data": c.data, "calibration_corpus": self.calibration, "task": unit.entry.task}
         params |= self._options(unit) | package_versions()
         params |= {"model_fingerprint": work.info.fingerprint, "stats_fingerprint": work.stats_fp, "architecture": work.info.architecture}
         try:
             result = ray.get(ref)
         except ray.exceptions.RayError as exc:
             error = _error_text(exc)
-            run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, {})
+            run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, {}, {CORPORA_TAG: json.dumps(self.where)})
             self.tracker.end(run_id, ok=False, error=error)
             self.failures.append(f"{unit.label}: {error}")
             return
         params["quality_metric"] = result["metrics"].get("quality_metric", "")
         metrics = result["metrics"] | self._model_metrics(work, unit.method) | result["timings"]
         folder = self._write_model(unit, result["files"]) if result["files"] else None
-        run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, metrics)
+        run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, metrics, {CORPORA_TAG: json.dumps(self.where)})
         self.tracker.log_json(run_id, result["masks"], "masks.json")
         self.tracker.log_json(run_id, {"params": params, "metrics": metrics, "sizes": result["sizes"]}, "report.json")
         if folder is not None:
@@ -272,6 +291,20 @@ class Sweep:
             self.tracker.log_curve(run_id, result["curve"])
         self.tracker.end(run_id)
         if unit.method in TRAINED_METHODS:  # recorded: its training checkpoints are done with
+            shutil.rmtree(self._train_storage() / unit.key, ignore_errors=True)
+
+    def _finish_remeasure(self, unit: Unit, ref) -> None:
+        """A finished unit run again for corpora its run lacks: their metrics join its run (the
+        pruned model is the same; its other metrics, artifacts and saved model stay as they were)."""
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            self.failures.append(f"{unit.label}: {_error_text(exc)}")
+            return
+        run_id, labels, recorded = self.remeasure[unit.key]
+        new = {k: v for k, v in result["metrics"].items() if "/" in k and k.rpartition("/")[2] in labels}
+        self.tracker.log(run_id, metrics=new, tags={CORPORA_TAG: json.dumps(recorded | {k: self.where[k] for k in labels})})
+        if unit.method in TRAINED_METHODS:
             shutil.rmtree(self._train_storage() / unit.key, ignore_errors=True)
 
     def _statistics_metrics(self, work: ModelWork) -> dict:
@@ -304,10 +337,14 @@ class Sweep:
     def run(self) -> SweepResult:
         c = self.c
         finished = self.tracker.finished_units(c.key)
-        todo = [u for u in c.units() if u.key not in finished]
+        self._find_remeasures(finished)
+        todo = [u for u in c.units() if u.key not in finished or u.key in self.remeasure]
         if todo:  # bad data fails here, before any run is recorded
             farm.connect(c.address)
             calib_rows, eval_rows = select_examples(read_dataset(c.data), c.samples, c.eval_samples, c.seed, c.data)
+            eval_rows = {self.calibration: eval_rows}
+            for label, source in list(self.sources.items())[1:]:  # the rows that source would evaluate were it the calibration data
+                eval_rows[label] = select_examples(read_dataset(source), c.samples, c.eval_samples, c.seed, source, eval_only=True)[1]
         campaign_run = self.tracker.campaign_run(c.key, c.experiment, self._campaign_params())
         works = self._model_works(todo, campaign_run)
         if works:
@@ -328,6 +365,24 @@ class Sweep:
             self.tracker.end(work.run_id, ok=work.failed is None and not failed_units, error=work.failed)
         return self._summarize(campaign_run, works)
 
+    def _find_remeasures(self, finished: dict[str, str]) -> None:
+        """Finished units whose runs lack an evaluation corpus of this campaign (added since they
+        ran, or a label that named another source then) are run again to measure it: the same
+        pruned model, so its metrics join the unit's run. The calibration data's numbers are the
+        plain metrics, which every finished unit has (its labelled copies are added with others)."""
+        others = list(self.sources)[1:]
+        if not others or not finished:
+            return
+        runs = self.tracker.finished_unit_corpora(self.c.key)
+        for unit in self.c.units():
+            if unit.key not in finished:
+                continue
+            names, recorded = runs.get(unit.key, (set(), {}))
+            stale = {label for label in others if f"relative_quality/{label}" not in names or recorded.get(label) != self.where[label]}
+            if stale:
+                labels = stale | {label for label in self.sources if f"relative_quality/{label}" not in names}
+                self.remeasure[unit.key] = (finished[unit.key], labels, recorded)
+
     def _model_works(self, todo: list[Unit], campaign_run: str) -> list[ModelWork]:
         works: dict[str, ModelWork] = {}
         for unit in todo:
@@ -340,7 +395,7 @@ class Sweep:
     def _campaign_params(self) -> dict:
         c = self.c
         params = {k: getattr(c, k) for k in ("data", "samples", "eval_samples", "seq_len", "batch_size", "seed", "reconstruction", "allocation", "workers")}
-        params |= {"models": ", ".join(e.source for e in c.models), "budgets": ",".join(f"{b:g}" for b in c.budgets), "methods": ",".join(c.methods)}
+        params |= {"eval_data": ",".join(c.eval_data), "models": ", ".join(e.source for e in c.models), "budgets": ",".join(f"{b:g}" for b in c.budgets), "methods": ",".join(c.methods)}
         return params | package_versions()
 
     def _summarize(self, campaign_run: str, works: list[ModelWork]) -> SweepResult:
@@ -348,7 +403,8 @@ class Sweep:
         records = [r for r in self.tracker.unit_records(self.c.key) if r["unit_key"] in wanted]
         for work in works:  # models that never got as far as their units still show in the table
             if work.failed:
-                records += [{"model": u.name, "method": u.method, "budget": u.budget, "status": "FAILED", "error": work.failed} for u in work.units]
+                records += [{"model": u.name, "method": u.method, "budget": u.budget, "status": "FAILED", "error": work.failed}
+                            for u in work.units if u.key not in self.remeasure]
         paths = write_summary(records, self.c.out)
         for path in paths.values():
             self.tracker.log_file(campaign_run, path)
@@ -359,7 +415,8 @@ class Sweep:
 
 def run_sweep(campaign: Campaign) -> SweepResult:
     """Run (or resume) a campaign; prints the summary table. Failures are returned, not raised."""
-    check_source(campaign.data)
+    for source in evaluation_sources(campaign.data, campaign.eval_data).values():
+        check_source(source)
     tracker = Tracker(campaign.tracking_uri, campaign.experiment)
     with StageProgress() as progress:
         result = Sweep(campaign, tracker, progress).run()

@@ -21,6 +21,7 @@ from .errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: a sqlite file in the working directory
 KIND, CAMPAIGN, UNIT, MODEL = "gfprune_kind", "gfprune_campaign", "gfprune_unit", "gfprune_model"
+CORPORA_TAG = "gfprune_corpora"  # a unit's evaluation corpora, JSON: label -> source
 PARENT = "mlflow.parentRunId"
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 
@@ -90,6 +91,11 @@ class Tracker:
             else:
                 self.client.delete_run(run.info.run_id)
         return done
+
+    def finished_unit_corpora(self, campaign_key: str) -> dict[str, tuple[set[str], dict[str, str]]]:
+        """unit key -> (names of the metrics its finished run holds, its evaluation corpora)."""
+        runs = self._search(f"tags.{KIND} = 'unit' and tags.{CAMPAIGN} = '{campaign_key}' and attributes.status = '{FINISHED}'")
+        return {run.data.tags.get(UNIT): (set(run.data.metrics), json.loads(run.data.tags.get(CORPORA_TAG, "{}"))) for run in runs}
 
     def unit_run(self, campaign_key: str, model_run: str, unit, params: dict, metrics: dict, tags: dict | None = None) -> str:
         run_id = self._create(unit.label, {KIND: "unit", CAMPAIGN: campaign_key, UNIT: unit.key, MODEL: unit.name} | (tags or {}), model_run)

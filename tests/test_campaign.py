@@ -139,3 +139,18 @@ def test_repeated_model_names_get_distinct_output_names(folder):
 def test_the_example_campaign_in_jobs_passes_the_schema():
     campaign = load_campaign(ROOT / "jobs" / "campaign.yaml")
     assert campaign.units() and campaign.models
+
+
+def test_evaluation_corpora_in_yaml_are_a_list_or_a_comma_string_and_leave_unit_keys_alone(folder):
+    (folder / "models.txt").write_text("a-model\n")
+    config = folder / "campaign.yaml"
+    config.write_text("models: models.txt\neval_data: [austen, licenses]\n")
+    listed = load_campaign(config)
+    config.write_text("models: models.txt\neval_data: austen, licenses\n")
+    assert load_campaign(config).eval_data == listed.eval_data == ["austen", "licenses"]
+    assert load_campaign(config, eval_data=["pydoc"]).eval_data == ["pydoc"], "the command line overrides the file"
+    plain = load_campaign(models=folder / "models.txt")
+    assert plain.eval_data == [] and [u.key for u in plain.units()] == [u.key for u in listed.units()]
+    config.write_text("models: models.txt\neval_data: 3\n")
+    with pytest.raises(UserError, match="eval_data"):
+        load_campaign(config)

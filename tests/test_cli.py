@@ -133,6 +133,48 @@ def test_eval_writes_eval_json(ws):
     assert metrics["params"] == pruned_metrics["params"]
 
 
+def test_prune_and_eval_measure_every_evaluation_corpus(ws, tmp_path):
+    """--eval-data: per-corpus metrics, the calibration corpus's equal to the plain ones, each
+    pinned against perplexity computed here on the examples the seeded split evaluates."""
+    from gfprune_ray.data import read_examples, split_examples, tokenize
+    from gfprune_ray.evaluate import perplexity
+
+    gpt2 = save_tiny(tmp_path / "gpt2", "gpt2", 0, make_tokenizer(tmp_path))
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(sentences(30, seed=9)) + "\n")
+    out = tmp_path / "pruned"
+    # the calibration file repeated in --eval-data is measured once
+    result = run_cli("prune", gpt2, "--out", out, "--data", ws.data, "--eval-data", f"{ws.data},{other}", "--budget", "0.5", *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "gfprune.json").read_text())
+    assert record["calibration_corpus"] == "data" and record["eval_data"] == [str(other)]
+    metrics = record["metrics"]
+    assert sorted(k for k in metrics if k.startswith("relative_quality/")) == ["relative_quality/data", "relative_quality/other"]
+    for key in ("relative_quality", "perplexity", "dense_perplexity"):
+        assert metrics[f"{key}/data"] == metrics[key], key
+
+    dense = T.AutoModelForCausalLM.from_pretrained(gpt2).eval()
+    pruned = load_pruned(out).eval()
+    tokenizer = T.AutoTokenizer.from_pretrained(gpt2)
+    ppl = {}
+    for label, source in (("data", ws.data), ("other", other)):
+        evaluation = split_examples(read_examples(str(source)), 20, 10, 0)[1]  # SMALL's samples, eval-samples, seed
+        batches = tokenize(tokenizer, evaluation.texts, 16, 4)
+        ppl[label] = perplexity(dense, batches), perplexity(pruned, batches)
+        assert metrics[f"dense_perplexity/{label}"] == pytest.approx(ppl[label][0], rel=1e-5), label
+        assert metrics[f"perplexity/{label}"] == pytest.approx(ppl[label][1], rel=1e-5), label
+        assert metrics[f"relative_quality/{label}"] == pytest.approx(ppl[label][0] / ppl[label][1], rel=1e-5), label
+    assert abs(ppl["data"][0] - ppl["other"][0]) > 1e-3 * ppl["data"][0], "the corpora must be told apart"
+
+    # eval without options measures the recorded corpora again
+    again = run_cli("eval", out, "--latency-repeats", "1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["eval_data"] == [str(other)] and report["calibration_corpus"] == "data"
+    for key in ("relative_quality/data", "relative_quality/other", "perplexity/other", "relative_quality"):
+        assert report["metrics"][key] == pytest.approx(metrics[key], rel=1e-5), key
+
+
 # ---- help --------------------------------------------------------------------------------------
 
 
@@ -140,11 +182,11 @@ def test_eval_writes_eval_json(ws):
     "args, expected",
     [
         (["--help"], ["prune", "eval", "Prune MODEL to a MACs budget", "Measure a pruned model"]),
-        (["prune", "--help"], ["model", "--out", "--data", "--budget", "--method", "--reconstruct", "--allocation",
+        (["prune", "--help"], ["model", "--out", "--data", "--eval-data", "--budget", "--method", "--reconstruct", "--allocation",
                                "--samples", "--eval-samples", "--seq-len", "--batch-size", "--seed", "--stats", "--force", "--shots", "llm-surgeon",
                                "--steps", "--checkpoint-every", "cofi or flop", "about 10000",
                                "Fraction of the prunable MACs to keep", "full, scale or none", "gfp, gfp-r2", "pydoc"]),
-        (["eval", "--help"], ["path", "--data", "--dense", "--eval-samples", "--samples", "--seq-len", "--seed",
+        (["eval", "--help"], ["path", "--data", "--eval-data", "--dense", "--eval-samples", "--samples", "--seq-len", "--seed",
                               "A folder written by", "Dense model to compare with"]),
     ],
     ids=["app", "prune", "eval"],
@@ -185,6 +227,9 @@ BAD = {
     "foreign-stats": (lambda ws, t: ["--stats", ws.stats], lambda ws, t: ws.model_b, lambda ws, t: [ws.stats.name, "fingerprint"]),
     "surgeon-shots-0": (lambda ws, t: ["--method", "llm-surgeon", "--shots", "0"], None, lambda ws, t: ["shots", "0"]),
     "surgeon-with-stats": (lambda ws, t: ["--method", "llm-surgeon", "--stats", t / "s.safetensors"], None, lambda ws, t: ["--stats", "llm-surgeon"]),
+    # evaluation corpora are read before the model: with a missing model too, the error names the corpus
+    "missing-eval-data": (lambda ws, t: ["--eval-data", f"pydoc,{t / 'gone.txt'}"], lambda ws, t: t / "no_such_model", lambda ws, t: ["gone.txt"]),
+    "unknown-eval-corpus": (lambda ws, t: ["--eval-data", "no-such-corpus"], lambda ws, t: t / "no_such_model", lambda ws, t: ["no-such-corpus"]),
     "jsonl-without-text": (lambda ws, t: ["--data", _write(t / "records.jsonl", '{"content": "w1 w2 w3"}\n{"content": "w4"}\n')], None,
                            lambda ws, t: ["records.jsonl", "text"]),
 }

@@ -58,3 +58,42 @@ def test_paired_latency_times_both_models_on_the_same_input():
     t_big, t_small = paired_latency(big, small, batch_size=4, seq_len=32, repeats=5)
     assert t_big > 0 and t_small > 0
     assert t_big > t_small  # four times the layers is slower, even on a noisy machine
+
+
+def test_corpus_references_report_each_corpus_and_the_calibration_one_plainly():
+    from gfprune_ray.evaluate import CorpusReferences
+
+    dense = tiny_model("gpt2")
+    pruned = tiny_model("gpt2", seed=1)  # any other model of the same shape
+    corpora = {"calib": (tiny_batches(n_batches=2, batch=3, seed=0), None), "other": (tiny_batches(n_batches=1, batch=4, seed=1), None)}
+    refs = CorpusReferences.build(dense, adapter_for(dense), corpora, "calib")
+    assert len(refs) == 3
+    result = refs.measure(pruned)
+    for label, (batches, _) in corpora.items():
+        want_dense, want = perplexity(dense, batches), perplexity(pruned, batches)
+        assert math.isclose(result[f"dense_perplexity/{label}"], want_dense, rel_tol=1e-6)
+        assert math.isclose(result[f"perplexity/{label}"], want, rel_tol=1e-6)
+        assert math.isclose(result[f"relative_quality/{label}"], want_dense / want, rel_tol=1e-6)
+    assert result["quality_metric"] == "perplexity" and "quality_metric/calib" not in result
+    for key in ("perplexity", "dense_perplexity", "relative_quality"):
+        assert result[key] == result[f"{key}/calib"] != result[f"{key}/other"]
+
+
+def test_fidelity_is_the_mean_cosine_of_mean_pooled_embeddings_of_two_different_models():
+    """Fidelity of one model against ANOTHER, pinned to a per-example computation from its
+    definition: mean over examples of cos(mean over non-padding tokens of h_dense, the same of
+    h_other). Unnormalised pooling, pooling over padding or a missing normalisation changes it."""
+    dense, other = tiny_model("bert", seed=0), tiny_model("bert", seed=1)
+    batches = tiny_batches(n_batches=2, batch=4, seq=12, seed=3)  # rows have different padding
+    expected = []
+    with torch.inference_mode():
+        for batch in batches:
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                n = int(mask.sum())
+                row = {"input_ids": ids[None, :n], "attention_mask": mask[None, :n]}  # no padding at all
+                a = dense(**row).last_hidden_state[0].mean(0)
+                b = other(**row).last_hidden_state[0].mean(0)
+                expected.append(float(a @ b / (a.norm() * b.norm())))
+    value = QualityReference(dense, adapter_for(dense), batches).measure(other)["fidelity"]
+    assert 0.05 < abs(value) < 0.95  # not a trivial case: the models really differ
+    assert math.isclose(value, sum(expected) / len(expected), abs_tol=1e-5)

@@ -4,6 +4,7 @@ model. Every test here has a timeout: a Ray hang must fail, not eat the CI run."
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -51,6 +52,8 @@ def ws(tmp_path_factory):
     ns.gpt2 = save_tiny(root / "gpt2", "gpt2", 0, tokenizer)
     ns.data = root / "data.txt"
     ns.data.write_text("\n".join(sentences(120)) + "\n")
+    ns.other = root / "other.txt"  # a second evaluation corpus
+    ns.other.write_text("\n".join(sentences(60, seed=11)) + "\n")
     return ns
 
 
@@ -96,6 +99,22 @@ def test_every_input_format_gives_the_examples_the_single_process_picks(local_ra
         assert [r["text"] for r in calib] == want_calib.texts, source
         assert [r["text"] for r in evaluation] == want_eval.texts, source
         assert [r["heldout"] for r in calib] == heldout_flags(12)
+
+
+def test_named_corpora_are_read_by_ray_data_as_by_the_single_process(local_ray, tmp_path, monkeypatch):
+    """Every corpus of CORPORA (here `licenses`, pointed at a folder of this test's texts), and an
+    evaluation-only selection: the evaluation rows of a calibration selection, no calibration rows."""
+    folder = tmp_path / "licenses"
+    folder.mkdir()
+    for n in range(3):
+        (folder / f"L{n}").write_text("\n\n".join(" ".join(sentences(8, seed=10 * n + i)) for i in range(10)) + "\n")
+    monkeypatch.setenv("GFPRUNE_RAY_LICENSES", str(folder))
+    want_calib, want_eval = split_examples(read_examples("licenses"), 12, 8, seed=3)
+    assert len(want_eval) == 8
+    calib, evaluation = select_examples(read_dataset("licenses"), 12, 8, 3)
+    assert [r["text"] for r in calib] == want_calib.texts and [r["text"] for r in evaluation] == want_eval.texts
+    calib, evaluation = select_examples(read_dataset("licenses"), 12, 8, 3, eval_only=True)
+    assert calib == [] and [r["text"] for r in evaluation] == want_eval.texts
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
@@ -170,7 +189,7 @@ def swept(local_ray, ws):
     models = ws.root / "models.txt"
     models.write_text(f"{ws.bert}\n{broken}\n{ws.gpt2} budgets=0.7 method=magnitude,llm-surgeon,flop\n")
     campaign = load_campaign(
-        models=models, budgets=[0.8, 0.5], methods=["gfp", "magnitude"], data=str(ws.data), samples=40, eval_samples=20,
+        models=models, budgets=[0.8, 0.5], methods=["gfp", "magnitude"], data=str(ws.data), eval_data=[str(ws.data), str(ws.other)], samples=40, eval_samples=20,
         seq_len=16, batch_size=8, workers=2, out=ws.root / "out", experiment="farm-test", latency_repeats=1,
         tracking_uri=f"sqlite:///{ws.root / 'mlflow.db'}", cache_dir=ws.root / "cache", shots=2, steps=12, checkpoint_every=5,
     )
@@ -216,16 +235,29 @@ def test_mlflow_has_a_campaign_run_with_nested_model_and_unit_runs(swept, ws):
         assert {"relative_quality", "macs_ratio", "params", "speedup_b32_vs_ideal", "evaluate_s", *own} <= set(unit.data.metrics)
         artifacts = {a.path for a in tracker.client.list_artifacts(unit.info.run_id)}
         assert {"masks.json", "report.json", "model"} <= artifacts
+        # every evaluation corpus, the calibration one (given twice) once, equal to the plain metric
+        assert unit.data.params["calibration_corpus"] == "data"
+        assert {k for k in unit.data.metrics if k.startswith("relative_quality/")} == {"relative_quality/data", "relative_quality/other"}
+        assert unit.data.metrics["relative_quality/data"] == unit.data.metrics["relative_quality"]
+        assert 0 < unit.data.metrics["relative_quality/other"] and unit.data.metrics["relative_quality/other"] != unit.data.metrics["relative_quality"]
+        assert json.loads(unit.data.tags["gfprune_corpora"]) == {"data": str(ws.data.resolve()), "other": str(ws.other.resolve())}
     campaign_files = {a.path for a in tracker.client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.md", "quality_vs_macs.png"} <= campaign_files
+    header, *rows = result.summary["csv"].read_text().splitlines()
+    assert "data (calib),other" in header and "relative quality" not in header, header
+    column = header.split(",").index("other")
+    finished = [r for r in result.records if r["status"] == "FINISHED"]
+    assert sorted(float(row.split(",")[column]) for row in rows if row.split(",")[column]) == pytest.approx(
+        sorted(float(r["relative_quality/other"]) for r in finished), abs=1e-4)
 
 
 def test_sweep_results_equal_the_single_process_prune(swept, ws, tmp_path):
     campaign, result, _ = swept
     (record,) = [r for r in result.records if r["model"] == "bert" and r["method"] == "gfp" and float(r["budget"]) == 0.5]
     opts = PruneOptions(budget=0.5, method="gfp", samples=40, eval_samples=20, seq_len=16, batch_size=8, latency_repeats=1)
-    report = prune_model(str(ws.bert), str(ws.data), opts, tmp_path / "single")
+    report = prune_model(str(ws.bert), str(ws.data), opts, tmp_path / "single", eval_data=[str(ws.other)])
     assert float(record["relative_quality"]) == pytest.approx(report["metrics"]["relative_quality"], abs=1e-6)
+    assert float(record["relative_quality/other"]) == pytest.approx(report["metrics"]["relative_quality/other"], abs=1e-6)
     assert float(record["params"]) == report["metrics"]["params"]
     saved = load_pruned(campaign.out / "bert" / "gfp-0.5")
     single = load_pruned(tmp_path / "single")
@@ -237,8 +269,9 @@ def test_sweep_llm_surgeon_equals_the_single_process_prune(swept, ws, tmp_path):
     campaign, result, _ = swept
     (record,) = [r for r in result.records if r["model"] == "gpt2" and r["method"] == "llm-surgeon"]
     opts = PruneOptions(budget=0.7, method="llm-surgeon", samples=40, eval_samples=20, seq_len=16, batch_size=8, latency_repeats=1, shots=2)
-    report = prune_model(str(ws.gpt2), str(ws.data), opts, tmp_path / "single")
+    report = prune_model(str(ws.gpt2), str(ws.data), opts, tmp_path / "single", eval_data=[str(ws.other)])
     assert float(record["relative_quality"]) == pytest.approx(report["metrics"]["relative_quality"], abs=1e-5)
+    assert float(record["perplexity/other"]) == pytest.approx(report["metrics"]["perplexity/other"], rel=1e-5)
     assert float(record["kept_prunable_macs"]) == pytest.approx(report["metrics"]["kept_prunable_macs"])
     assert report["metrics"]["kept_prunable_macs"] <= 0.7 + 1e-9
     assert float(record["shots"]) == 2
@@ -284,3 +317,33 @@ def test_rerun_skips_finished_units_and_reuses_statistics(swept):
     finished = lambda res: sorted((r["model"], r["method"], r["budget"], r["relative_quality"]) for r in res.records if r["status"] == "FINISHED")
     assert finished(again) == finished(result)
     assert list(campaign.stats_dir().glob("*.safetensors")), "statistics are cached for later campaigns"
+
+
+def test_rerun_with_a_new_evaluation_corpus_adds_it_to_the_finished_units(swept, ws, tmp_path):
+    """Evaluation corpora are not part of a unit's key: a rerun that adds one measures the
+    finished units again and adds the new corpus's metrics to their runs; nothing else changes."""
+    campaign, _, _ = swept
+    third = ws.root / "third.txt"
+    third.write_text("\n".join(sentences(50, seed=13)) + "\n")
+    grown = campaign.model_copy(update={"models": campaign.models[:1], "methods": ["gfp"], "budgets": [0.8],
+                                        "eval_data": [*campaign.eval_data, str(third)], "out": tmp_path / "out"})
+    tracker = Tracker(campaign.tracking_uri, campaign.experiment)
+    units = lambda: {r.info.run_id: r for r in tracker.client.search_runs([tracker.experiment_id], "tags.gfprune_kind = 'unit'")}
+    before = units()
+    again = run_sweep(grown)
+    after = units()
+    assert after.keys() == before.keys() and not again.failures
+    (unit,) = grown.units()
+    for run_id, run in after.items():
+        metrics, was = run.data.metrics, before[run_id].data.metrics
+        if run.data.tags["gfprune_unit"] == unit.key:
+            assert set(metrics) - set(was) == {"relative_quality/third", "fidelity/third"}
+            assert 0 < metrics["relative_quality/third"] <= 1.0001
+            assert json.loads(run.data.tags["gfprune_corpora"])["third"] == str(third.resolve())
+        else:
+            assert set(metrics) == set(was), "units outside the rerun are left alone"
+        assert {k: metrics[k] for k in was} == was, "recorded metrics are not changed"
+    (record,) = again.records
+    assert float(record["relative_quality/third"]) == after[record["run_id"]].data.metrics["relative_quality/third"]
+    assert "third" in (tmp_path / "out" / "summary.csv").read_text().splitlines()[0]
+    assert not (tmp_path / "out" / "bert").exists(), "the unit's model was saved when it first ran"

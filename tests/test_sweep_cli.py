@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(480)
 SMALL = ["--samples", "30", "--eval-samples", "16", "--seq-len", "16", "--batch-size", "4", "--latency-repeats", "1"]
 SWEEP = ["--budgets", "0.9,0.7,0.5,0.3", "--methods", "gfp,magnitude,random", *SMALL]
 UNITS = 12  # 4 budgets x 3 methods of the one good model
-DETERMINISTIC = ("relative_quality", "kept_prunable_macs", "macs", "params", "calibration_tokens")
+DETERMINISTIC = ("relative_quality", "relative_quality/other", "kept_prunable_macs", "macs", "params", "calibration_tokens")
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,14 @@ def ws(tmp_path_factory):
     (root / "broken" / "config.json").write_text("{not json")
     (root / "models.txt").write_text("tiny-bert\nbroken   # fails to load: recorded, the rest goes on\n")
     (root / "data.txt").write_text("\n".join(sentences(80)) + "\n")
+    (root / "other.txt").write_text("\n".join(sentences(40, seed=5)) + "\n")  # a second evaluation corpus
     return root
 
 
 def _sweep_args(ws, name: str) -> list[str]:
     return ["sweep", "--models", ws / "models.txt", "--data", ws / "data.txt", "--out", ws / name / "out",
             "--tracking-uri", f"sqlite:///{ws / name / 'mlflow.db'}", "--cache-dir", ws / name / "cache",
-            "--experiment", "resume", *SWEEP]
+            "--experiment", "resume", "--eval-data", ws / "other.txt", *SWEEP]
 
 
 def _units(ws, name: str) -> list:
@@ -100,6 +101,9 @@ def test_a_campaign_killed_mid_way_resumes_to_the_uninterrupted_result(ws):
     assert report.returncode == 0, report.stderr
     lines = [line for line in report.stdout.splitlines() if line.startswith("| tiny-bert |")]
     assert len(lines) == UNITS and all("FINISHED" in line for line in lines)
+    assert "| data (calib) | other |" in report.stdout
+    header = (ws / "straight" / "out" / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header[header.index("data (calib)") + 1] == "other", header
 
 
 @pytest.mark.parametrize(
@@ -110,6 +114,7 @@ def test_a_campaign_killed_mid_way_resumes_to_the_uninterrupted_result(ws):
         ("tiny-bert\n", ["--budgets", "0.5,1.5"], "budgets.1: Input should be less than or equal to 1"),
         ("tiny-bert\n", ["--budgets", "half"], "--budgets expects comma-separated numbers"),
         ("tiny-bert\n", ["--data", "missing.txt"], "data not found: missing.txt"),
+        ("tiny-bert\n", ["--eval-data", "pydoc,missing-eval.txt"], "data not found: missing-eval.txt"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(ws, tmp_path, models, extra, message):
