@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -205,3 +207,42 @@ def test_random_keeps_heads_and_neurons_in_proportion():
         heads = sum(int(m.sum()) for (_, k), m in masks.keep.items() if k == "attn") / 64
         neurons = sum(int(m.sum()) for (_, k), m in masks.keep.items() if k == "ffn") / 1024
         assert 0.3 <= heads <= 0.7 and 0.3 <= neurons <= 0.7, (seed, heads, neurons)
+
+
+def _kcm_by_definition(points, sigma=1.0, alpha=0.01, max_iterations=300):
+    """KCM written out from DESIGN 4 in float64, loop by loop: K_ij = exp(-|x_i - x_j|^2 / sigma^2),
+    C = 1/n, then C <- C * sqrt(K / (K C)) until the relative change of C is below alpha."""
+    n = len(points)
+    k = [[math.exp(-sum((a - b) ** 2 for a, b in zip(points[i], points[j])) / sigma**2) for j in range(n)] for i in range(n)]
+    c = [[1.0 / n] * n for _ in range(n)]
+    for _ in range(max_iterations):
+        kc = [[sum(k[i][m] * c[m][j] for m in range(n)) for j in range(n)] for i in range(n)]
+        new = [[c[i][j] * math.sqrt(k[i][j] / kc[i][j]) for j in range(n)] for i in range(n)]
+        change = math.sqrt(sum((new[i][j] - c[i][j]) ** 2 for i in range(n) for j in range(n)) / sum(x * x for row in c for x in row))
+        c = new
+        if change < alpha:
+            break
+    return [c[i][i] for i in range(n)]
+
+
+def test_r2_equals_kcm_by_definition_and_varies_across_units():
+    """gfp's R2 pinned to KCM computed from its definition: the mean of C_ii over each unit's
+    output columns, divided by the site's maximum, on columns where the answer is not trivial
+    (three near-copies of one direction, three others apart: R2 identically 1, i.e. gfp ==
+    gfp-d2, or a wrong normalisation fails here). Units of width 1 (neurons) and 2 (heads)."""
+    from gfprune_ray.methods.gfp import representativeness
+    from gfprune_ray.models import UnitWeights
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.tensor([0.8, 0.0, 0.0, 0.0])
+    copies = base + 0.05 * torch.randn(3, 4, generator=g)
+    apart = torch.tensor([[0.0, 0.9, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.3, 0.0, 0.9]])
+    columns = torch.cat([copies, apart])  # six points in R^4
+    for width in (1, 2):
+        w = UnitWeights(out=columns.T.contiguous(), bias=None, ins=[], width=width)
+        diag = torch.tensor(_kcm_by_definition(columns.double().tolist()), dtype=torch.float64)
+        per_unit = diag.reshape(-1, width).mean(1)
+        expected = per_unit / per_unit.max()
+        torch.testing.assert_close(representativeness(w), expected, rtol=2e-4, atol=1e-6)
+        if width == 1:  # a near-copy can be stood in for by its twins: it weighs far less
+            assert expected[:3].max() < 0.6 * expected[3:].min()
