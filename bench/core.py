@@ -148,7 +148,7 @@ def bench_model(source: str, args) -> dict:
     plan += [(m, "full", "global") for m in filter(None, args.ablations.split(","))]
     plan += [("gfp", r, "uniform") for r in args.reconstructions.split(",")]
     for method in dict.fromkeys(m for m, _, _ in plan):
-        scores, score_times[method] = timed(score_sites, ctx["adapter"], ctx["calibration"].total, method, 0)
+        scores, score_times[method] = timed(score_sites, ctx["adapter"], ctx["calibration"].total, method, 0, ctx["calibration"].grads)
         for _, reconstruction, allocation in (p for p in plan if p[0] == method):
             for budget in budgets:
                 with_latency = reconstruction == "full" and allocation == "global"

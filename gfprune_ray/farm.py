@@ -38,7 +38,7 @@ from .pipeline import site_generator, surgeon_model
 from .ray_data import iter_torch_batches, shard
 from .reconstruct import reconstruct
 from .search import SEARCHES, Site
-from .stats import collect_split, weights_fingerprint
+from .stats import weights_fingerprint
 from .surgery import apply_pruning, save_pruned
 
 LOCAL_OBJECT_STORE = 1536 * 1024**2  # the default would reserve ~30% of RAM for the object store
@@ -157,12 +157,13 @@ class Collector:
             if counter is not None:
                 counter.add.remote(1, os.getpid())
 
-    def collect(self, shard_ds, batch_size: int, counter=None) -> tuple:
-        """(fit, heldout) input statistics per site, for the scoring methods."""
+    def collect(self, shard_ds, batch_size: int, seed: int, counter=None) -> tuple:
+        """(fit, heldout) input statistics and the output curvature per site, for the scoring
+        methods; the curvature's targets are seeded per example, so shards add up exactly."""
         start = time.perf_counter()
-        fit, held = collect_split(self.adapter, self._batches(shard_ds, batch_size, counter))
+        c = collect_curvature(self.adapter, self._batches(shard_ds, batch_size, counter), seed)
         seconds = time.perf_counter() - start
-        pairs = tuple(Timed((fit.sites[s], held.sites[s]), seconds) for s in fit.sites)
+        pairs = tuple(Timed((c.fit.sites[s], c.heldout.sites[s], c.grads.sites[s]), seconds) for s in c.fit.sites)
         return pairs if len(pairs) > 1 else pairs[0]
 
     def curvature(self, shard_ds, batch_size: int, state: SurgeonState, sites: list[Site], seed: int, counter=None) -> tuple:
@@ -242,9 +243,9 @@ def shard_batches(shards: list, batch_size: int) -> int:
     return sum(-(-part.count() // batch_size) for part in shards)
 
 
-def submit_collection(source: str, data, sites: list[Site], workers: int, batch_size: int, counter=None, actors: list | None = None) -> tuple[dict[Site, ray.ObjectRef], int]:
+def submit_collection(source: str, data, sites: list[Site], workers: int, batch_size: int, seed: int = 0, counter=None, actors: list | None = None) -> tuple[dict[Site, ray.ObjectRef], int]:
     """Collect on disjoint shards, one per actor (started here unless given). Returns one reduced
-    (fit, heldout) ref per site and the number of batches the actors will report to `counter`.
+    (fit, heldout, grads) ref per site and the number of batches the actors will report to `counter`.
 
     Sharding runs Ray Data tasks, so it comes before the actors start: on a small machine actors
     holding every CPU would leave those tasks waiting forever."""
@@ -252,7 +253,7 @@ def submit_collection(source: str, data, sites: list[Site], workers: int, batch_
     actors = actors or start_collectors(source, len(shards))
     partials = []
     for actor, part in zip(actors, shards):
-        call = actor.collect.options(num_returns=len(sites)).remote(part, batch_size, counter)
+        call = actor.collect.options(num_returns=len(sites)).remote(part, batch_size, seed, counter)
         partials.append(ref_list(call, len(sites)))
     return {site: reduce_tree([p[j] for p in partials]) for j, site in enumerate(sites)}, shard_batches(shards, batch_size)
 
@@ -264,8 +265,8 @@ def submit_collection(source: str, data, sites: list[Site], workers: int, batch_
 def score_site(method: str, weights: UnitWeights, pair: Timed, seed: int, site: Site) -> Timed:
     set_threads(1)
     start = time.perf_counter()
-    fit, held = pair.value
-    scores = get_method(method)(weights, fit + held, site_generator(seed, site))
+    fit, held, grads = pair.value
+    scores = get_method(method)(weights, fit + held, site_generator(seed, site), grads=grads)
     return Timed(scores, time.perf_counter() - start)
 
 
@@ -284,7 +285,7 @@ def reconstruct_site(mode: str, masks: Timed, site: Site, weights: UnitWeights, 
     keep = masks.value.keep[site]
     result = None
     if not bool(keep.all()):
-        fit, held = pair.value
+        fit, held = pair.value[:2]
         result = reconstruct(mode, weights.out, weights.bias, keep.nonzero().flatten(), weights.width, fit, held)
     return Timed(result, time.perf_counter() - start)
 

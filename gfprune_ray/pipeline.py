@@ -22,17 +22,19 @@ from .methods import surgeon
 from .models import Adapter, adapter_for
 from .reconstruct import MODES, Reconstruction, reconstruct
 from .search import SEARCHES, Masks, Site
-from .stats import ModelStats, collect_split
+from .stats import ModelStats
 from .surgery import apply_pruning
 
 
 @dataclass
 class Calibration:
-    """Statistics of the calibration data: `fit` to fit weights, `heldout` to choose their ridge."""
+    """Statistics of the calibration data: `fit` to fit weights, `heldout` to choose their ridge,
+    `grads` (the loss curvature at each block output, E[g g^T]) to price units in loss units."""
 
     fit: ModelStats
     heldout: ModelStats
     seq_len: float  # mean tokens per sequence: the s of the FLOPs model
+    grads: ModelStats | None = None
 
     @property
     def total(self) -> ModelStats:
@@ -55,9 +57,11 @@ def mark_heldout(batches: list[dict]) -> list[dict]:
     return out
 
 
-def calibrate(adapter: Adapter, batches: list[dict], seq_len: float, on_batch: Callable[[int], None] | None = None) -> Calibration:
-    fit, heldout = collect_split(adapter, mark_heldout(batches), on_batch)
-    return Calibration(fit, heldout, seq_len)
+def calibrate(adapter: Adapter, batches: list[dict], seq_len: float, on_batch: Callable[[int], None] | None = None, seed: int = 0) -> Calibration:
+    """Input statistics and output curvature of every site: one forward and one backward pass
+    (activations only) per batch, targets sampled from the model itself (`curvature.py`)."""
+    curvature = collect_curvature(adapter, mark_heldout(batches), seed, on_batch)
+    return Calibration(curvature.fit, curvature.heldout, seq_len, curvature.grads)
 
 
 def site_generator(seed: int, site: Site) -> torch.Generator:
@@ -66,9 +70,13 @@ def site_generator(seed: int, site: Site) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{layer}/{kind}".encode()))
 
 
-def score_sites(adapter: Adapter, stats: ModelStats, method: str, seed: int = 0) -> dict[Site, torch.Tensor]:
+def score_sites(adapter: Adapter, stats: ModelStats, method: str, seed: int = 0, grads: ModelStats | None = None) -> dict[Site, torch.Tensor]:
+    """Scores of every site's units; with `grads` the activation-aware methods are in loss units."""
     score = get_method(method)
-    return {site: score(adapter.unit_weights(*site), stats[site], site_generator(seed, site)) for site in stats.sites}
+    return {
+        site: score(adapter.unit_weights(*site), stats[site], site_generator(seed, site), grads=None if grads is None else grads[site])
+        for site in stats.sites
+    }
 
 
 def search_masks(scores: dict[Site, torch.Tensor], adapter: Adapter, budget: float, seq_len: float, allocation: str = "global") -> Masks:
@@ -123,7 +131,7 @@ def plan(
     timings = {}
     start = time.perf_counter()
     if scores is None:
-        scores = score_sites(adapter, calibration.total, method, seed)
+        scores = score_sites(adapter, calibration.total, method, seed, calibration.grads)
     timings["score_s"] = time.perf_counter() - start
     start = time.perf_counter()
     masks = search_masks(scores, adapter, budget, calibration.seq_len, allocation)

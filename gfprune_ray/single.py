@@ -34,7 +34,7 @@ from .pipeline import Calibration, calibrate, plan, plan_llm_surgeon
 from .progress import bar
 from .reconstruct import MODES
 from .search import SEARCHES
-from .stats import load_stats, save_stats, stats_fingerprint, weights_fingerprint
+from .stats import GRADS_PART, load_stats, save_stats, stats_fingerprint, weights_fingerprint
 from .surgery import RECORD_FILE, apply_pruning, load_pruned, save_pruned
 
 
@@ -134,16 +134,16 @@ def corpus_record(sources: dict[str, str]) -> dict:
 def obtain_statistics(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | None) -> tuple[Calibration, str, bool]:
     """Load statistics from `stats_path` when it exists (refusing a foreign file), else collect
     them (and save them there). Returns (calibration, fingerprint, reused)."""
-    fingerprint = stats_fingerprint(weights_fingerprint(adapter.model), batches_fingerprint(batches), opts.seq_len, opts.samples)
+    fingerprint = stats_fingerprint(weights_fingerprint(adapter.model), batches_fingerprint(batches), opts.seq_len, opts.samples, opts.seed)
     seq_len = mean_tokens_per_sequence(batches)
     if stats_path is not None and Path(stats_path).exists():
         parts = load_stats(stats_path, fingerprint, adapter)
-        return Calibration(parts["fit"], parts["heldout"], seq_len), fingerprint, True
+        return Calibration(parts["fit"], parts["heldout"], seq_len, parts.get(GRADS_PART)), fingerprint, True
     with bar("collect", len(batches)) as step:
-        calibration = calibrate(adapter, batches, seq_len, on_batch=step)
-    calibration.fit.fingerprint = calibration.heldout.fingerprint = fingerprint
+        calibration = calibrate(adapter, batches, seq_len, on_batch=step, seed=opts.seed)
+    calibration.fit.fingerprint = calibration.heldout.fingerprint = calibration.grads.fingerprint = fingerprint
     if stats_path is not None:
-        save_stats({"fit": calibration.fit, "heldout": calibration.heldout}, stats_path)
+        save_stats({"fit": calibration.fit, "heldout": calibration.heldout, GRADS_PART: calibration.grads}, stats_path)
     return calibration, fingerprint, False
 
 

@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 from .errors import UserError
 from .models import KINDS, Adapter, Kind
 
-FORMAT_VERSION = 2  # 2: held-out statistics are every 5th example, not every 5th batch
+GRADS_PART = "grads"
+FORMAT_VERSION = 3  # 2: held-out statistics are every 5th example; 3: a `grads` part (output curvature)
 
 
 @dataclass
@@ -186,9 +187,10 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def stats_fingerprint(model_fp: str, data_fp: str, seq_len: int, samples: int) -> str:
-    """Key of a statistics file: the model weights, the data, the sequence length, the sample count."""
-    key = json.dumps({"v": FORMAT_VERSION, "model": model_fp, "data": data_fp, "seq_len": seq_len, "samples": samples})
+def stats_fingerprint(model_fp: str, data_fp: str, seq_len: int, samples: int, seed: int = 0) -> str:
+    """Key of a statistics file: the model weights, the data, the sequence length, the sample count
+    and the seed (the curvature's targets are sampled with it)."""
+    key = json.dumps({"v": FORMAT_VERSION, "model": model_fp, "data": data_fp, "seq_len": seq_len, "samples": samples, "seed": seed})
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -248,7 +250,9 @@ def load_stats(path: str | Path, fingerprint: str | None, adapter: Adapter | Non
     }
     if adapter is not None:
         expected = {k: tuple(v.total.shape) for k, v in empty_stats(adapter).sites.items()}
-        for stats in loaded.values():
-            if {k: tuple(v.total.shape) for k, v in stats.sites.items()} != expected:
+        for part, stats in loaded.items():
+            # the output curvature of every site is as wide as the residual stream
+            want = {k: (adapter.hidden_size,) for k in expected} if part == GRADS_PART else expected
+            if {k: tuple(v.total.shape) for k, v in stats.sites.items()} != want:
                 raise UserError(f"{path}: statistics shapes do not match the model's layers")
     return loaded

@@ -27,7 +27,7 @@ from .progress import StageProgress
 from .ray_data import check_source, fingerprint_and_length, iter_torch_batches, read_dataset, select_examples, shard, tokenize_rows
 from .report import print_table, write_summary
 from .single import LATENCY_SEQ_LEN, staged_output
-from .stats import ModelStats, load_stats, save_stats, stats_fingerprint
+from .stats import GRADS_PART, ModelStats, load_stats, save_stats, stats_fingerprint
 from .tracking import CORPORA_TAG, Tracker, package_versions
 from .train_ray import TrainJob
 from .training import Schedule
@@ -51,7 +51,7 @@ class ModelWork:
     tokens: int = 0
     collect_start: float = 0.0
     collect_s: float | None = None
-    sites: dict = field(default_factory=dict)  # site -> ref of (fit, heldout) statistics
+    sites: dict = field(default_factory=dict)  # site -> ref of (fit, heldout, grads) statistics
     scores: dict = field(default_factory=dict)  # method -> [refs per site]
     actors: list = field(default_factory=list)  # collectors kept for LLM Surgeon's shots
     train_batches: list = field(default_factory=list)  # calibration batches for cofi and flop
@@ -116,7 +116,7 @@ class Sweep:
         calib = tokenize_rows(calib_rows, source, seq_len, self.c.batch_size)
         evaluation = {label: tokenize_rows(rows, source, seq_len, self.c.batch_size) for label, rows in eval_rows.items()}
         data_fp, work.mean_seq_len = fingerprint_and_length(calib, self.c.batch_size)
-        work.stats_fp = stats_fingerprint(work.info.fingerprint, data_fp, seq_len, self.c.samples)
+        work.stats_fp = stats_fingerprint(work.info.fingerprint, data_fp, seq_len, self.c.samples, self.c.seed)
         work.stats_path = self.c.stats_dir() / f"{work.stats_fp}.safetensors"
         work.tokens = round(work.mean_seq_len * calib.count())
         shards = None
@@ -136,12 +136,12 @@ class Sweep:
         sites = work.info.sites
         if work.stats_path.exists():
             parts = load_stats(work.stats_path, work.stats_fp)
-            work.sites = {s: ray.put(farm.Timed((parts["fit"][s], parts["heldout"][s]), 0.0)) for s in sites}
+            work.sites = {s: ray.put(farm.Timed((parts["fit"][s], parts["heldout"][s], parts[GRADS_PART][s]), 0.0)) for s in sites}
             work.stats_reused, work.collect_s = True, 0.0
             work.tokens = parts["fit"].tokens + parts["heldout"].tokens
             return
         work.collect_start = time.perf_counter()
-        work.sites, batches = farm.submit_collection(work.entry.source, calib, sites, self.c.workers, self.c.batch_size, self.counter, work.actors or None)
+        work.sites, batches = farm.submit_collection(work.entry.source, calib, sites, self.c.workers, self.c.batch_size, self.c.seed, self.counter, work.actors or None)
         self.progress.add("collect", batches)
         self.collecting.append(work)
 
@@ -255,10 +255,9 @@ class Sweep:
             pairs = dict(zip(work.sites, ray.get(list(work.sites.values()))))
         except ray.exceptions.RayError:
             return  # the units that needed these statistics fail and say why
-        fit = ModelStats({s: p.value[0] for s, p in pairs.items()}, work.stats_fp)
-        held = ModelStats({s: p.value[1] for s, p in pairs.items()}, work.stats_fp)
+        fit, held, grads = (ModelStats({s: p.value[i] for s, p in pairs.items()}, work.stats_fp) for i in range(3))
         work.tokens = fit.tokens + held.tokens
-        save_stats({"fit": fit, "heldout": held}, work.stats_path)
+        save_stats({"fit": fit, "heldout": held, GRADS_PART: grads}, work.stats_path)
 
     def _finish_unit(self, unit: Unit, work: ModelWork, ref) -> None:
         c = self.c

@@ -75,8 +75,8 @@ def _farm_data(source, data, samples, seq_len, batch_size):
 
 def _assert_exact(farm_pairs: dict, calibration, tol: float = 1e-6) -> None:
     for site, pair in farm_pairs.items():
-        fit, held = pair.value
-        for got, want in ((fit, calibration.fit[site]), (held, calibration.heldout[site])):
+        fit, held, grads = pair.value
+        for got, want in ((fit, calibration.fit[site]), (held, calibration.heldout[site]), (grads, calibration.grads[site])):
             assert int(got.n) == int(want.n) > 0, site
             assert _rel(got.gram, want.gram) < tol, (site, _rel(got.gram, want.gram))
             assert _rel(got.total, want.total) < tol, site
@@ -164,7 +164,7 @@ def test_a_killed_collection_actor_is_restarted_and_statistics_stay_exact(local_
     calib, _ = _farm_data(ws.bert, data, 600, 16, 2)
     info = ray.get(farm.describe.remote(str(ws.bert)))
     counter = farm.Counter.remote()
-    sites, batches = farm.submit_collection(str(ws.bert), calib, info.sites, 2, 2, counter)
+    sites, batches = farm.submit_collection(str(ws.bert), calib, info.sites, 2, 2, 0, counter)
     assert batches == 300
     deadline = time.time() + 120
     while not ray.get(counter.workers.remote()) and time.time() < deadline:

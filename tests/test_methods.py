@@ -141,6 +141,11 @@ def test_fluctuation_of_a_neuron_is_variance_times_column_norm(name):
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
 def test_fluctuation_and_d2_of_a_head_are_output_variance_and_energy(name):
+    """Without curvature (G = I): fluctuation is the variance of what the unit writes, D2 its
+    energy, with each unit's activity shrunk toward the layer's mean by gfp.ACTIVITY_PRIOR:
+    (1 - p) E|W_u x_u|^2 + p mean_c(E[x_c^2]) |W_u|_F^2."""
+    from gfprune_ray.methods.gfp import ACTIVITY_PRIOR as p
+
     adapter = adapter_for(tiny_model(name))
     batches = tiny_batches(n_batches=3, seed=5)
     stats = collect_stats(adapter, batches)
@@ -155,12 +160,13 @@ def test_fluctuation_and_d2_of_a_head_are_output_variance_and_energy(name):
             cols = slice(u * width, (u + 1) * width)
             out = context[:, cols] @ o[:, cols].T  # what the unit writes into the residual stream
             variance.append(out.var(0, unbiased=False).sum())
-            energy.append(out.pow(2).sum(1).mean())
+            energy.append((1 - p) * out.pow(2).sum(1).mean() + p * context.pow(2).mean() * o[:, cols].pow(2).sum())
         torch.testing.assert_close(fluctuation[(layer, "attn")], torch.stack(variance), rtol=1e-4, atol=1e-10)
         torch.testing.assert_close(d2[(layer, "attn")], torch.stack(energy), rtol=1e-4, atol=1e-10)
-        # and for neurons D2 = E[a_i^2] |W2[:, i]|^2
+        # and for neurons D2 = ((1 - p) E[a_i^2] + p mean_j E[a_j^2]) |W2[:, i]|^2
         acts, w2 = _captured_inputs(adapter, batches, layer, "ffn")
-        torch.testing.assert_close(d2[(layer, "ffn")], acts.pow(2).mean(0) * w2.pow(2).sum(0), rtol=1e-4, atol=1e-10)
+        activity = (1 - p) * acts.pow(2).mean(0) + p * acts.pow(2).mean()
+        torch.testing.assert_close(d2[(layer, "ffn")], activity * w2.pow(2).sum(0), rtol=1e-4, atol=1e-10)
 
 
 def test_magnitude_is_squared_norm_of_the_units_weights():
@@ -246,3 +252,29 @@ def test_r2_equals_kcm_by_definition_and_varies_across_units():
         torch.testing.assert_close(representativeness(w), expected, rtol=2e-4, atol=1e-6)
         if width == 1:  # a near-copy can be stood in for by its twins: it weighs far less
             assert expected[:3].max() < 0.6 * expected[3:].min()
+
+
+def test_curvature_weighted_energy_is_the_mean_quadratic_form_of_each_units_output():
+    """gfp's D2 with the output curvature G: per unit, the mean over tokens of
+    (W_u x_u)^T G (W_u x_u), computed here token by token from the inputs themselves."""
+    from gfprune_ray.methods.common import output_energy
+    from gfprune_ray.models import UnitWeights
+    from gfprune_ray.stats import GramStats
+
+    g = torch.Generator().manual_seed(4)
+    d, units, width, tokens = 5, 3, 2, 40
+    out = torch.randn(d, units * width, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, units * width, generator=g, dtype=torch.float64) + 0.5  # a mean, too
+    grads_x = torch.randn(tokens, d, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.2, 0.2, 0.1], dtype=torch.float64)
+    inputs, grads = GramStats.zeros(units * width), GramStats.zeros(d)
+    inputs.add_(x)
+    grads.add_(grads_x)
+    curvature = grads_x.T @ grads_x / tokens
+    expected = torch.stack([
+        torch.stack([(out[:, u * width:(u + 1) * width] @ x[t, u * width:(u + 1) * width]) @ curvature @ (out[:, u * width:(u + 1) * width] @ x[t, u * width:(u + 1) * width]) for t in range(tokens)]).mean()
+        for u in range(units)
+    ])
+    w = UnitWeights(out=out, bias=None, ins=[], width=width)
+    torch.testing.assert_close(output_energy(w, inputs, centered=False, grads=grads), expected, rtol=1e-5, atol=1e-8)
+    plain = output_energy(w, inputs, centered=False)
+    assert not torch.allclose(plain / plain.sum(), expected / expected.sum(), rtol=0.05)  # G changes the ranking's weights

@@ -16,13 +16,13 @@ def weights_per_unit(w: UnitWeights) -> int:
     return w.out.shape[0] * w.width + sum(weight.numel() for weight in w.ins + w.shared_ins) // w.units
 
 
-def random_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
+def random_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator, grads: GramStats | None = None) -> torch.Tensor:
     """A uniform random value per unit times the unit's weight count: random per MAC, so the
     global search keeps heads and neurons in proportion instead of dropping the dearer kind."""
     return torch.rand(w.units, generator=rng, dtype=torch.float64) * weights_per_unit(w)
 
 
-def magnitude_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
+def magnitude_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator, grads: GramStats | None = None) -> torch.Tensor:
     """Squared L2 norm of all weights that belong to the unit (its input rows and output columns);
     a K/V head's rows count for each of the query heads that share it, split evenly."""
     units = w.units
@@ -35,8 +35,9 @@ def magnitude_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> 
     return total
 
 
-def fluctuation_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator) -> torch.Tensor:
+def fluctuation_scores(w: UnitWeights, stats: GramStats, rng: torch.Generator, grads: GramStats | None = None) -> torch.Tensor:
     """Variance of the unit's activation times the squared norm of its output columns.
 
-    For a head the block version: trace(W_h^T W_h Cov_hh), the variance of the head's output."""
-    return output_energy(w, stats, centered=True)
+    For a head the block version: trace(W_h^T W_h Cov_hh), the variance of the head's output;
+    weighted by the loss curvature at the block output where it was collected, as gfp's D2."""
+    return output_energy(w, stats, centered=True, grads=grads)
