@@ -47,10 +47,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install $(PIP_FLAGS) torch-pruning==1.6.1 sentencepiece && $(BIN)/python -m pip install $(PIP_FLAGS) --no-deps textpruner==1.1.post2
 	$(BIN)/python bench/core.py
 	$(BIN)/python bench/core.py --budgets 0.5 --methods gfp --ablations "" --reconstructions full \
 		--surgeon-shots "" --trained cofi,flop --out bench/results/trained.json
 	$(BIN)/python bench/farm.py
+	$(BIN)/python bench/transfer.py
+	$(BIN)/python bench/peers.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache mlflow.db mlruns
