@@ -34,7 +34,7 @@ class Calibration:
     fit: ModelStats
     heldout: ModelStats
     seq_len: float  # mean tokens per sequence: the s of the FLOPs model
-    grads: ModelStats | None = None
+    grads: ModelStats
 
     @property
     def total(self) -> ModelStats:
@@ -47,7 +47,7 @@ def heldout_rows(total: int) -> torch.Tensor:
 
 
 def mark_heldout(batches: list[dict]) -> list[dict]:
-    """The batches with a per-row `heldout` flag, ready for `collect_split`."""
+    """The batches with a per-row `heldout` flag, ready for `collect_curvature` (or `collect_split`)."""
     held = heldout_rows(sum(len(b["input_ids"]) for b in batches))
     out, offset = [], 0
     for batch in batches:

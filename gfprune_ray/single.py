@@ -138,7 +138,7 @@ def obtain_statistics(adapter, batches: list[dict], opts: PruneOptions, stats_pa
     seq_len = mean_tokens_per_sequence(batches)
     if stats_path is not None and Path(stats_path).exists():
         parts = load_stats(stats_path, fingerprint, adapter)
-        return Calibration(parts["fit"], parts["heldout"], seq_len, parts.get(GRADS_PART)), fingerprint, True
+        return Calibration(parts["fit"], parts["heldout"], seq_len, parts[GRADS_PART]), fingerprint, True
     with bar("collect", len(batches)) as step:
         calibration = calibrate(adapter, batches, seq_len, on_batch=step, seed=opts.seed)
     calibration.fit.fingerprint = calibration.heldout.fingerprint = calibration.grads.fingerprint = fingerprint

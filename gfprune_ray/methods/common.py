@@ -38,13 +38,13 @@ def output_energy(w: UnitWeights, stats: GramStats, centered: bool, grads: GramS
     if centered:
         mean = stats.mean
         moment = moment - torch.outer(mean, mean)
-    if prior:
-        moment = (1 - prior) * moment + prior * moment.diagonal().mean() * torch.eye(len(moment), dtype=moment.dtype)
     out = w.out.to(torch.float64)
     units, width = w.units, w.width
     blocks_w = out.reshape(out.shape[0], units, width).permute(1, 0, 2)  # units x d x width
     idx = torch.arange(units * width).reshape(units, width)
     blocks_m = moment[idx[:, :, None], idx[:, None, :]]  # units x width x width
+    if prior:  # only the unit blocks of M are read: shrink those, not the whole k x k matrix
+        blocks_m = (1 - prior) * blocks_m + prior * moment.diagonal().mean() * torch.eye(width, dtype=moment.dtype)
     if grads is None:
         gram_w = blocks_w.transpose(1, 2) @ blocks_w  # units x width x width
     else:
