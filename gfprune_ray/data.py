@@ -198,11 +198,27 @@ def split_sizes(total: int, calibration: int, evaluation: int) -> tuple[int, int
     return min(calibration, total - n_eval), n_eval
 
 
-def split_examples(examples: Examples, calibration: int, evaluation: int, seed: int) -> tuple[Examples, Examples]:
+def checked_split_sizes(source: str | None, total: int, calibration: int, evaluation: int, eval_only: bool = False) -> tuple[int, int]:
+    """`split_sizes`, with a warning naming `source` when it has fewer examples than asked: the
+    numbers rest on them, and a command that silently used 3 examples for 64 misleads."""
+    n_calib, n_eval = split_sizes(total, calibration, evaluation)
+    if source is not None and (n_eval < evaluation or (n_calib < calibration and not eval_only)):
+        from .progress import warn
+
+        used = f"evaluating on {n_eval} (--eval-samples {evaluation})"
+        if not eval_only:
+            used = f"calibrating on {n_calib} (--samples {calibration}) and {used}"
+        warn(f"{source} has {total} examples, fewer than asked: {used}")
+    return n_calib, n_eval
+
+
+def split_examples(examples: Examples, calibration: int, evaluation: int, seed: int, source: str | None = None,
+                   eval_only: bool = False) -> tuple[Examples, Examples]:
     """Disjoint, seeded calibration and evaluation examples: in seeded-key order, the first
-    `evaluation` are evaluated, the next `calibration` calibrate."""
+    `evaluation` are evaluated, the next `calibration` calibrate. Naming the `source` warns when
+    it is too small for the counts asked."""
     order = sorted(range(len(examples)), key=lambda i: (example_key(seed, examples.texts[i]), i))
-    n_calib, n_eval = split_sizes(len(order), calibration, evaluation)
+    n_calib, n_eval = checked_split_sizes(source, len(order), calibration, evaluation, eval_only)
     return examples.subset(order[n_eval : n_eval + n_calib]), examples.subset(order[:n_eval])
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import transformers
+from safetensors import SafetensorError
 
 from .data import prepare_tokenizer
 from .errors import UserError
@@ -94,7 +95,7 @@ def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module,
                 # safetensors only: a pytorch_model.bin is a pickle, and we never load untrusted pickles
                 model = _model_class(config).from_pretrained(where, trust_remote_code=trust_remote_code, use_safetensors=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # a damaged weights file raises the last
         raise UserError(f"cannot load model {source}: {_first_line(exc)}") from None
     prepare_tokenizer(tokenizer)
     if model.config.pad_token_id is None:  # sequence classifiers need it to find the last token

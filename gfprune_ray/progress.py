@@ -12,6 +12,11 @@ from rich.table import Table
 console = Console(stderr=True)
 
 
+def warn(message: str) -> None:
+    """One line on stderr, above any live progress display: something the user should know."""
+    console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def bar(description: str, total: int) -> Iterator:
     """A progress bar; yields a function to call once per finished step."""

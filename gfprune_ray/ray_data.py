@@ -27,7 +27,7 @@ from .data import (
     heldout_flags,
     is_hub_name,
     load_hf_dataset,
-    split_sizes,
+    checked_split_sizes,
 )
 from .errors import UserError
 
@@ -118,7 +118,7 @@ def select_examples(ds: ray.data.Dataset, samples: int, eval_samples: int, seed:
         raise UserError(f"{source}: cannot read ({str(exc).strip().splitlines()[-1][:200]})") from None
     if total == 0:
         raise UserError(f"{source}: no text examples")
-    n_calib, n_eval = split_sizes(total, samples, eval_samples)
+    n_calib, n_eval = checked_split_sizes(source, total, samples, eval_samples, eval_only)
     if eval_only:
         n_calib = 0
     elif n_calib < 2:

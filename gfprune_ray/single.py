@@ -13,11 +13,11 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from . import __version__
 from .data import (Examples, batches_fingerprint, evaluation_sources, mean_tokens_per_sequence, read_examples, split_examples, tokenize,
@@ -30,6 +30,7 @@ from .methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
 from .methods.surgeon import SHOTS
 from .methods.trained import CHECKPOINT_EVERY, STEPS_CPU
 from .models import adapter_for
+from .outputs import check_writable_folder, staged_output
 from .pipeline import Calibration, calibrate, plan, plan_llm_surgeon
 from .progress import bar
 from .reconstruct import MODES
@@ -72,33 +73,10 @@ class PruneOptions:
         return self
 
 
-@contextmanager
-def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to `out`; move it to `out` only if the block succeeds."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"output exists and is not empty: {out} (use --force to replace it)")
-    new_parents = [p for p in out.absolute().parents if not p.exists()]  # deepest first
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for parent in new_parents:  # folders made for this run go too, if nothing else landed there
-            if parent.exists() and not any(parent.iterdir()):
-                parent.rmdir()
-        raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(staging, out)
-
-
-def prepare_batches(tokenizer, examples: Examples, opts: PruneOptions):
-    """Calibration and evaluation batches from disjoint, seeded examples, and the eval labels."""
-    calib, evaluation = split_examples(examples, opts.samples, opts.eval_samples, opts.seed)
+def prepare_batches(tokenizer, examples: Examples, opts: PruneOptions, source: str | None = None):
+    """Calibration and evaluation batches from disjoint, seeded examples, and the eval labels
+    (naming the `source` warns when it has fewer examples than asked)."""
+    calib, evaluation = split_examples(examples, opts.samples, opts.eval_samples, opts.seed, source)
     if len(calib) < 2:
         raise UserError(f"need at least 2 calibration examples (one is held out), got {len(calib)}")
     calib_batches = tokenize(tokenizer, calib.texts, opts.seq_len, opts.batch_size)
@@ -120,7 +98,7 @@ def references(dense, sources: dict[str, str], eval_batches: list[dict], labels,
     calibration = next(iter(sources))
     corpora = {calibration: (eval_batches, labels)}
     for label, examples in others.items():
-        evaluation = split_examples(examples, opts.samples, opts.eval_samples, opts.seed)[1]
+        evaluation = split_examples(examples, opts.samples, opts.eval_samples, opts.seed, label, eval_only=True)[1]
         corpora[label] = (tokenize(tokenizer, evaluation.texts, opts.seq_len, opts.batch_size), evaluation.labels)
     with bar("reference", sum(len(batches) for batches, _ in corpora.values())) as step:
         return CorpusReferences.build(dense.model, dense, corpora, calibration, on_batch=step)
@@ -262,6 +240,8 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
     """Prune one model to one budget and save it to `out`; returns the report (also in gfprune.json).
     Quality is measured on the held-back examples of `data` and on each source of `eval_data`."""
     opts.validate()
+    if stats_path is not None and not Path(stats_path).exists():  # written after the collection: check before it
+        check_writable_folder(Path(stats_path).absolute().parent, "--stats")
     timings = {}
     with staged_output(out, force) as staging:
         examples = read_examples(data)  # bad data fails here, before a model is loaded
@@ -269,7 +249,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
         model, tokenizer = load_model(source)
         adapter = supported_adapter(model, source)
         check_seq_len(adapter, opts.seq_len)
-        calib_batches, eval_batches, labels = prepare_batches(tokenizer, examples, opts)
+        calib_batches, eval_batches, labels = prepare_batches(tokenizer, examples, opts, data)
         if opts.method in TRAINED_METHODS:
             if stats_path is not None:
                 raise UserError(f"--stats does not apply to {opts.method}: it trains gates instead of collecting statistics")
@@ -296,7 +276,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
             **corpus_record(sources),
             "options": asdict(opts),
             **calibration_record,
-            "metrics": metrics | summary,
+            "metrics": metrics | summary | {"calibration_examples": _examples(calib_batches), "evaluation_examples": _examples(eval_batches)},
             "timings": timings,
             "sizes": adapter.sizes(),
             "masks": masks_json,
@@ -307,6 +287,10 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
     if storage is not None:
         shutil.rmtree(storage, ignore_errors=True)  # the model is saved: the checkpoints are done with
     return report
+
+
+def _examples(batches: list[dict]) -> int:
+    return sum(len(b["input_ids"]) for b in batches)
 
 
 def _read_record(path: Path) -> dict:
@@ -338,9 +322,9 @@ def evaluate_saved(path: Path, overrides: dict, dense_source: str | None = None)
     dense = supported_adapter(dense_model, dense_source)
     try:
         pruned = load_pruned(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise UserError(f"cannot load pruned model {path}: {str(exc).splitlines()[0]}") from None
-    _, eval_batches, labels = prepare_batches(tokenizer, examples, opts)
+    _, eval_batches, labels = prepare_batches(tokenizer, examples, opts, data)
     reference = references(dense, sources, eval_batches, labels, others, tokenizer, opts)
     metrics = measure(dense, adapter_for(pruned), reference, opts)
     report = {"model": str(path), "dense": dense_source, "data": data, **corpus_record(sources), "options": asdict(opts), "metrics": metrics}

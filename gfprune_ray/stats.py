@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from .errors import UserError
 from .models import KINDS, Adapter, Kind
 
 GRADS_PART = "grads"
-FORMAT_VERSION = 3  # 2: held-out statistics are every 5th example; 3: a `grads` part (output curvature)
+# 2: held-out statistics are every 5th example; 3: a `grads` part (output curvature); 4: a checksum
+FORMAT_VERSION = 4
 
 
 @dataclass
@@ -197,6 +199,22 @@ def stats_fingerprint(model_fp: str, data_fp: str, seq_len: int, samples: int, s
 # ---- safetensors I/O -------------------------------------------------------------------------
 
 
+class DamagedStats(UserError):
+    """A statistics file that cannot be read back as it was written: truncated, or its tensor data
+    changed since (the checksum written with it does not match)."""
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order. safetensors checks
+    only the header, so damaged data would otherwise load as plausible numbers."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself: no copy
+    return digest.hexdigest()
+
+
 def save_stats(parts: dict[str, ModelStats], path: str | Path) -> None:
     """Save named parts (e.g. fit and heldout) of one model's statistics to one safetensors file."""
     tensors: dict[str, torch.Tensor] = {}
@@ -209,7 +227,7 @@ def save_stats(parts: dict[str, ModelStats], path: str | Path) -> None:
             tensors[f"{prefix}/n"] = s.n.reshape(1)
             tensors[f"{prefix}/gram"] = s.gram.contiguous()
             tensors[f"{prefix}/total"] = s.total.contiguous()
-    meta = {"fingerprint": fingerprints.pop(), "format": str(FORMAT_VERSION)}
+    meta = {"fingerprint": fingerprints.pop(), "format": str(FORMAT_VERSION), "checksum": tensors_checksum(tensors)}
     meta.update({f"meta/{k}": json.dumps(v) for k, v in next(iter(parts.values())).meta.items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,28 +237,20 @@ def save_stats(parts: dict[str, ModelStats], path: str | Path) -> None:
 
 
 def load_stats(path: str | Path, fingerprint: str | None, adapter: Adapter | None = None) -> dict[str, ModelStats]:
-    """Load a statistics file, refusing it when its fingerprint or its shapes do not match."""
+    """Load a statistics file, refusing it when it is damaged, or when its fingerprint or its
+    shapes do not match."""
     path = Path(path)
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except Exception as exc:  # safetensors raises its own error types
-        raise UserError(f"{path}: not a statistics file ({exc})") from None
-    with handle as f:
-        meta = f.metadata() or {}
-        found = meta.get("fingerprint")
-        if fingerprint is not None and found != fingerprint:
-            raise UserError(
-                f"{path}: statistics fingerprint {found} does not match this model and data ({fingerprint})"
-            )
-        if meta.get("format") != str(FORMAT_VERSION):
-            raise UserError(f"{path}: not a gfprune-ray statistics file of format {FORMAT_VERSION} (found {meta.get('format')!r})")
-        parts: dict[str, dict] = {}
-        for key in f.keys():
-            fields = key.split("/")
-            if len(fields) != 4 or not fields[1].isdigit():
-                raise UserError(f"{path}: not a gfprune-ray statistics file (unexpected tensor {key!r})")
-            part, layer, kind, name = fields
-            parts.setdefault(part, {}).setdefault((int(layer), kind), {})[name] = f.get_tensor(key)
+    meta, tensors = _read_checked(path)
+    found = meta.get("fingerprint")
+    if fingerprint is not None and found != fingerprint:
+        raise UserError(f"{path}: statistics fingerprint {found} does not match this model and data ({fingerprint})")
+    parts: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        fields = key.split("/")
+        if len(fields) != 4 or not fields[1].isdigit():
+            raise UserError(f"{path}: not a gfprune-ray statistics file (unexpected tensor {key!r})")
+        part, layer, kind, name = fields
+        parts.setdefault(part, {}).setdefault((int(layer), kind), {})[name] = tensor
     extra = {k.removeprefix("meta/"): json.loads(v) for k, v in meta.items() if k.startswith("meta/")}
     loaded = {
         part: ModelStats(
@@ -256,3 +266,39 @@ def load_stats(path: str | Path, fingerprint: str | None, adapter: Adapter | Non
             if {k: tuple(v.total.shape) for k, v in stats.sites.items()} != want:
                 raise UserError(f"{path}: statistics shapes do not match the model's layers")
     return loaded
+
+
+def _read_checked(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a statistics file whose format and checksum are right."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != str(FORMAT_VERSION):
+                raise UserError(f"{path}: not a gfprune-ray statistics file of format {FORMAT_VERSION} (found {meta.get('format')!r})")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except UserError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types, on open and on a short read
+        raise DamagedStats(f"{path}: not a readable statistics file ({_first_line(exc)})") from None
+    if tensors_checksum(tensors) != meta.get("checksum"):
+        raise DamagedStats(f"{path}: statistics file is damaged (its data does not match the checksum written with it)")
+    return meta, tensors
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_cached_stats(path: Path, fingerprint: str, warn: Callable[[str], None]) -> dict[str, ModelStats] | None:
+    """A cache entry, or None when there is none. A damaged entry is moved aside (kept for a
+    post-mortem, never read again) so that the caller collects the statistics afresh."""
+    if not path.exists():
+        return None
+    try:
+        return load_stats(path, fingerprint)
+    except DamagedStats as exc:
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.replace(aside)
+        warn(f"{exc}; moved to {aside.name}, collecting the statistics again")
+        return None
