@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any, NamedTuple
 import ray
 import torch
 
+from .errors import UserError
 from .evaluate import CorpusReferences, efficiency
 from .curvature import collect_curvature
 from .methods import get_method
@@ -43,11 +45,27 @@ from .surgery import apply_pruning, save_pruned
 
 LOCAL_OBJECT_STORE = 1536 * 1024**2  # the default would reserve ~30% of RAM for the object store
 RETRIES = 2
+CONNECT_TIMEOUT_S = 5.0
 
 
 class Timed(NamedTuple):
     value: Any
     seconds: float
+
+
+def check_address(address: str | None = None) -> None:
+    """Fail in one line when the Ray cluster at `address` (or RAY_ADDRESS) cannot be reached:
+    ray.init would retry for minutes. `auto` and no address are left to ray.init."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UserError(f"Ray address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); is it running? (`ray status` on its head node)") from None
 
 
 def connect(address: str | None = None) -> None:
@@ -59,7 +77,12 @@ def connect(address: str | None = None) -> None:
     common = {"logging_level": logging.WARNING, "log_to_driver": False}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **common)  # a real cluster keeps whatever auth it is set up with
+        check_address(address)
+        try:
+            ray.init(address=address, **common)  # a real cluster keeps whatever auth it is set up with
+        except Exception as exc:  # noqa: BLE001 - ray.init raises ConnectionError, RuntimeError, ValueError...
+            text = str(exc).strip().splitlines()
+            raise UserError(f"cannot connect to the Ray cluster at {address}: {text[0] if text else type(exc).__name__}") from None
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private in-process cluster needs no token
         ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **common)

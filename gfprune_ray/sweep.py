@@ -23,12 +23,14 @@ from .campaign import Campaign, ModelEntry, Unit
 from .data import CORPORA, evaluation_sources, with_labels
 from .errors import UserError
 from .methods import SURGEON, TRAINED_METHODS
-from .progress import StageProgress
+from .progress import StageProgress, warn
 from .ray_data import check_source, fingerprint_and_length, iter_torch_batches, read_dataset, select_examples, shard, tokenize_rows
 from .report import print_table, write_summary
-from .single import LATENCY_SEQ_LEN, staged_output
-from .stats import GRADS_PART, ModelStats, load_stats, save_stats, stats_fingerprint
-from .tracking import CORPORA_TAG, Tracker, package_versions
+from .locking import campaign_locks
+from .outputs import check_writable_folder, staged_output
+from .single import LATENCY_SEQ_LEN
+from .stats import GRADS_PART, ModelStats, load_cached_stats, save_stats, stats_fingerprint
+from .tracking import CORPORA_TAG, Tracker, check_store, package_versions, store_identity, store_uri
 from .train_ray import TrainJob
 from .training import Schedule
 
@@ -83,8 +85,12 @@ def _where(source: str) -> str:
 
 
 def _error_text(exc: BaseException) -> str:
+    """One line for a failure: a user error's message, else the cause's type and last line (Ray
+    wraps a task's exception with its traceback; the summary wants only what went wrong)."""
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).strip().splitlines()
+    if isinstance(cause, UserError):
+        return (text[0] if text else type(cause).__name__)[:500]
     return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
 
 
@@ -103,6 +109,7 @@ class Sweep:
         self.where = {label: _where(source) for label, source in self.sources.items()}
         # unit key -> (run id, labels to add, corpora recorded) of a finished unit measured again on new corpora
         self.remeasure: dict[str, tuple[str, set[str], dict[str, str]]] = {}
+        self.example_counts: dict[str, int] = {}  # the examples actually used, which a small corpus makes fewer than asked
 
     # ---- preparing a model -----------------------------------------------------------------
 
@@ -134,8 +141,8 @@ class Sweep:
     def _statistics(self, work: ModelWork, calib) -> None:
         """Input statistics for the scoring methods: from the cache, or collected on the actors."""
         sites = work.info.sites
-        if work.stats_path.exists():
-            parts = load_stats(work.stats_path, work.stats_fp)
+        parts = load_cached_stats(work.stats_path, work.stats_fp, warn)
+        if parts is not None:
             work.sites = {s: ray.put(farm.Timed((parts["fit"][s], parts["heldout"][s], parts[GRADS_PART][s]), 0.0)) for s in sites}
             work.stats_reused, work.collect_s = True, 0.0
             work.tokens = parts["fit"].tokens + parts["heldout"].tokens
@@ -307,24 +314,27 @@ class Sweep:
             shutil.rmtree(self._train_storage() / unit.key, ignore_errors=True)
 
     def _statistics_metrics(self, work: ModelWork) -> dict:
-        out = {"stats_reused": float(work.stats_reused), "calibration_tokens": work.tokens, "mean_seq_len": work.mean_seq_len}
+        out = {"stats_reused": float(work.stats_reused), "calibration_tokens": work.tokens, "mean_seq_len": work.mean_seq_len} | self.example_counts
         return out | ({"collect_s": work.collect_s} if work.collect_s is not None else {})
 
     def _model_metrics(self, work: ModelWork, method: str) -> dict:
         """Statistics metrics plus the summed seconds of this method's scoring tasks."""
         out = self._statistics_metrics(work)
         if method_kind(method) != "scored":  # no shared statistics: its own timings come with the unit
-            return {k: out[k] for k in ("calibration_tokens", "mean_seq_len")}
+            return {k: out[k] for k in ("calibration_tokens", "mean_seq_len", *self.example_counts)}
         try:
             out["score_s"] = sum(t.seconds for t in ray.get(work.scores[method]))
         except ray.exceptions.RayError:
             pass
         return out
 
+    def _model_folder(self, unit: Unit) -> Path:
+        return self.c.out / unit.name / f"{unit.method}-{unit.budget:g}"
+
     def _write_model(self, unit: Unit, files: dict[str, bytes]) -> Path:
         """The pruned model under out/<model>/<method>-<budget>, written aside and then renamed
         (a folder left by a killed attempt at this unit is replaced)."""
-        folder = self.c.out / unit.name / f"{unit.method}-{unit.budget:g}"
+        folder = self._model_folder(unit)
         with staged_output(folder, force=True) as staging:
             for rel, data in files.items():
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -336,11 +346,13 @@ class Sweep:
     def run(self) -> SweepResult:
         c = self.c
         finished = self.tracker.finished_units(c.key)
+        self._restore_missing_models(finished)
         self._find_remeasures(finished)
         todo = [u for u in c.units() if u.key not in finished or u.key in self.remeasure]
         if todo:  # bad data fails here, before any run is recorded
             farm.connect(c.address)
             calib_rows, eval_rows = select_examples(read_dataset(c.data), c.samples, c.eval_samples, c.seed, c.data)
+            self.example_counts = {"calibration_examples": len(calib_rows), "evaluation_examples": len(eval_rows)}
             eval_rows = {self.calibration: eval_rows}
             for label, source in list(self.sources.items())[1:]:  # the rows that source would evaluate were it the calibration data
                 eval_rows[label] = select_examples(read_dataset(source), c.samples, c.eval_samples, c.seed, source, eval_only=True)[1]
@@ -352,7 +364,7 @@ class Sweep:
                 try:
                     self.prepare(work, calib_rows, eval_rows)
                 except (UserError, ray.exceptions.RayError, ValueError, OSError) as exc:
-                    work.failed = str(exc) if isinstance(exc, UserError) else _error_text(exc)
+                    work.failed = _error_text(exc)
                     self.failures.append(f"{work.name}: {work.failed}")
                 self.poll()
             while self.in_flight or self.collecting:
@@ -362,7 +374,26 @@ class Sweep:
             self.tracker.log(work.run_id, metrics=self._statistics_metrics(work) if work.info else {})
             failed_units = [f for f in self.failures if f.startswith(f"{work.name}/")]
             self.tracker.end(work.run_id, ok=work.failed is None and not failed_units, error=work.failed)
+        self.tracker.close_left_running(c.key, {w.run_id for w in works})
         return self._summarize(campaign_run, works)
+
+    def _restore_missing_models(self, finished: dict[str, str]) -> None:
+        """A finished unit's pruned model missing from OUT (deleted since) is copied back from the
+        model its MLflow run holds; where the run holds none (it ran with --no-save-models), the
+        run is deleted and the unit pruned again."""
+        if not self.c.save_models:
+            return
+        for unit in self.c.units():
+            folder = self._model_folder(unit)
+            if unit.key not in finished or folder.exists():
+                continue
+            try:
+                with staged_output(folder, force=True) as staging:
+                    self.tracker.download_folder(finished[unit.key], "model", staging)
+                warn(f"{unit.label}: its pruned model was missing from {folder}; restored from MLflow run {finished[unit.key]}")
+            except (OSError, UserError) as exc:
+                warn(f"{unit.label}: its pruned model is missing from {folder} and its run has no copy ({_error_text(exc)}); pruning it again")
+                self.tracker.delete_run(finished.pop(unit.key))
 
     def _find_remeasures(self, finished: dict[str, str]) -> None:
         """Finished units whose runs lack an evaluation corpus of this campaign (added since they
@@ -416,9 +447,16 @@ def run_sweep(campaign: Campaign) -> SweepResult:
     """Run (or resume) a campaign; prints the summary table. Failures are returned, not raised."""
     for source in evaluation_sources(campaign.data, campaign.eval_data).values():
         check_source(source)
-    tracker = Tracker(campaign.tracking_uri, campaign.experiment)
-    with StageProgress() as progress:
-        result = Sweep(campaign, tracker, progress).run()
+    # every external resource is checked before any work and before any MLflow write
+    check_writable_folder(campaign.out, "--out")
+    check_writable_folder(campaign.stats_dir(), "--cache-dir")
+    farm.check_address(campaign.address)
+    uri = store_uri(campaign.tracking_uri)
+    check_store(uri)
+    with campaign_locks(store_identity(uri), campaign.key, campaign.experiment, campaign.out):
+        tracker = Tracker(uri, campaign.experiment)
+        with StageProgress() as progress:
+            result = Sweep(campaign, tracker, progress).run()
     print_table(result.records, f"campaign {campaign.experiment} ({len(result.records)} units)")
     return result
 

@@ -8,16 +8,24 @@ redoes their units, and every unit ends up recorded exactly once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import socket
+import tempfile
 import time
 from importlib import metadata
+from pathlib import Path
+from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
 from .errors import UserError
+from .locking import exclusive, lock_path
+from .outputs import check_writable_folder
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: a sqlite file in the working directory
 KIND, CAMPAIGN, UNIT, MODEL = "gfprune_kind", "gfprune_campaign", "gfprune_unit", "gfprune_model"
@@ -39,18 +47,93 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+CONNECT_TIMEOUT_S = 5.0
+SQLITE_MAGIC = b"SQLite format 3\x00"
+STORE_INIT_WAIT_S = 120.0
+
+
+def store_uri(tracking_uri: str | None) -> str:
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite URI (sqlite:///relative, sqlite:////absolute); None in memory."""
+    path = uri.removeprefix("sqlite://").removeprefix("/")
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def store_identity(uri: str) -> str:
+    """The store as a lock names it: a sqlite file by its absolute path, other URIs as written."""
+    path = _sqlite_path(uri) if uri.startswith("sqlite:") else None
+    return f"sqlite:///{path.absolute()}" if path is not None else uri
+
+
+def check_store(uri: str, write: bool = True) -> None:
+    """Fail in one line, before any work, on a tracking store MLflow would retry for minutes or
+    refuse with a traceback: an unwritable or foreign sqlite file, an unreachable server, a folder."""
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite":
+        path = _sqlite_path(uri)
+        if path is None:
+            return
+        if write:
+            check_writable_folder(path.absolute().parent, "--tracking-uri")
+        if path.exists():
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_MAGIC))
+            if head and head != SQLITE_MAGIC:
+                raise UserError(f"--tracking-uri {uri}: {path} is not a sqlite database")
+            if write and not os.access(path, os.W_OK):
+                raise UserError(f"--tracking-uri {uri}: {path} cannot be written")
+        path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    elif scheme in ("http", "https"):
+        where = urlparse(uri)
+        port = where.port or (443 if scheme == "https" else 80)
+        try:
+            socket.create_connection((where.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            raise UserError(f"--tracking-uri {uri}: cannot reach the MLflow server ({exc.strerror or exc})") from None
+    elif scheme in ("", "file") or len(scheme) == 1:  # a folder (or a Windows drive letter)
+        raise UserError(f"--tracking-uri {uri}: MLflow 3 no longer takes folder stores; use a database, e.g. sqlite:///mlflow.db")
+
+
+def _first_sentence(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line.split(". ")[0][:300]
+
+
 def _now() -> int:
     return int(time.time() * 1000)
 
 
 class Tracker:
     def __init__(self, tracking_uri: str | None, experiment: str, create: bool = True):
-        self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-        self.client = MlflowClient(self.uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None and not create:
+        self.uri = store_uri(tracking_uri)
+        check_store(self.uri, write=create)
+        database = _sqlite_path(self.uri) if self.uri.startswith("sqlite:") else None
+        if not create and database is not None and not database.exists():  # reading must not create a store
+            raise UserError(f"no MLflow experiment named {experiment!r} at {self.uri} (no database there)")
+        # processes opening a new store at once race in its schema migration: one at a time
+        with exclusive(lock_path("store", store_identity(self.uri)), f"tracking store {self.uri}", wait_s=STORE_INIT_WAIT_S):
+            try:
+                self.client = MlflowClient(self.uri)
+                found = self.client.get_experiment_by_name(experiment)
+                if found is None and create:
+                    found = self.client.get_experiment(self.client.create_experiment(experiment, self._artifact_location(experiment)))
+            except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and HTTP errors alike end here in one line
+                raise UserError(f"MLflow tracking store {self.uri}: {_first_sentence(exc)}") from None
+        if found is None:
             raise UserError(f"no MLflow experiment named {experiment!r} at {self.uri}")
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = found.experiment_id
+
+    def _artifact_location(self, experiment: str) -> str | None:
+        """A sqlite store keeps its artifacts beside it (MLflow's default is ./mlruns of whatever
+        folder the command runs in, which scatters one store's artifacts over folders)."""
+        database = _sqlite_path(self.uri) if self.uri.startswith("sqlite:") else None
+        if database is None:
+            return None
+        return (database.absolute().parent / "mlruns" / hashlib.sha256(experiment.encode()).hexdigest()[:12]).as_uri()
 
     # ---- runs ------------------------------------------------------------------------------
 
@@ -136,7 +219,37 @@ class Tracker:
             self.log(run_id, tags={"error": error})
         self.client.set_terminated(run_id, FINISHED if ok else RunStatus.to_string(RunStatus.FAILED))
 
+    def delete_run(self, run_id: str) -> None:
+        self.client.delete_run(run_id)
+
+    def close_left_running(self, campaign_key: str, keep: set[str]) -> None:
+        """Close the model runs of this campaign that a killed sweep left RUNNING (all but `keep`,
+        this sweep's own): FINISHED when every unit run beneath them is. Callers hold the
+        campaign's lock, so no other process is running them."""
+        running = RunStatus.to_string(RunStatus.RUNNING)
+        for run in self._search(f"tags.{KIND} = 'model' and tags.{CAMPAIGN} = '{campaign_key}' and attributes.status = '{running}'"):
+            if run.info.run_id in keep:
+                continue
+            units = self._search(f"tags.{KIND} = 'unit' and tags.`{PARENT}` = '{run.info.run_id}'")
+            self.end(run.info.run_id, ok=all(u.info.status == FINISHED for u in units))
+
     # ---- reading back ----------------------------------------------------------------------
+
+    def download_folder(self, run_id: str, artifact_path: str, into: Path) -> None:
+        """A run's artifact folder, its contents put directly into `into`."""
+        download = Path(tempfile.mkdtemp(prefix=".download-", dir=into))
+        try:
+            local = Path(self.client.download_artifacts(run_id, artifact_path, str(download)))
+            if not local.is_dir() or not any(local.iterdir()):
+                raise UserError(f"run {run_id} has no {artifact_path}/ artifact")
+            for child in list(local.iterdir()):
+                child.rename(into / child.name)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MLflow raises its own errors for a missing artifact
+            raise UserError(_first_sentence(exc)) from None
+        finally:
+            shutil.rmtree(download, ignore_errors=True)
 
     def latest_campaign(self) -> str | None:
         runs = self.client.search_runs([self.experiment_id], f"tags.{KIND} = 'campaign'", ViewType.ACTIVE_ONLY, 1, ["attributes.start_time DESC"])
