@@ -89,6 +89,7 @@ class Campaign(BaseModel):
     workers: Positive = 1
     out: Path = Path("runs/sweep")
     save_models: bool = True
+    register_model: str | None = Field(None, min_length=1)  # --register: MLflow registered model that every saved pruned model becomes a version of
     cache_dir: Path | None = None
     address: str | None = None
     tracking_uri: str | None = None

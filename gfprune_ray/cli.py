@@ -158,6 +158,7 @@ def sweep(
     address: str | None = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)."),
     tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)."),
     save_models: bool | None = typer.Option(None, "--save-models/--no-save-models", help="Write pruned models (to OUT and as MLflow artifacts).", show_default="save"),
+    register: str | None = typer.Option(None, help="Register every pruned model as a version of this MLflow registered model (each is also logged as an MLflow model of its unit run)."),
     cache_dir: Path | None = typer.Option(None, help="Statistics cache, reused by later campaigns (default: GFPRUNE_RAY_CACHE or ~/.cache/gfprune-ray)."),
     latency_repeats: int | None = typer.Option(None, help="Timed forward passes per latency measurement.", show_default="5"),
     shots: int | None = typer.Option(None, help="llm-surgeon: shots per budget, each a farm round on the partly pruned model.", show_default="5"),
@@ -176,13 +177,14 @@ def sweep(
         "budgets": _floats(budgets, "budgets"), "methods": _names(methods), "data": data, "eval_data": _names(eval_data), "samples": samples,
         "eval_samples": eval_samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
         "reconstruction": reconstruct, "allocation": allocation, "workers": workers, "out": out, "experiment": experiment,
-        "address": address, "tracking_uri": tracking_uri, "save_models": save_models, "cache_dir": cache_dir,
+        "address": address, "tracking_uri": tracking_uri, "save_models": save_models, "register_model": register, "cache_dir": cache_dir,
         "latency_repeats": latency_repeats, "shots": shots, "steps": steps,
         "checkpoint_every": checkpoint_every,
     }
     campaign = _run(lambda: load_campaign(config, models, **options))
     result = _run(lambda: run_sweep(campaign))
-    typer.echo(f"summary: {result.summary['md']}  plot: {result.summary['plot']}  (MLflow experiment {campaign.experiment!r})")
+    typer.echo(f"summary: {result.summary['md']}  plot: {result.summary['plot']}")
+    typer.echo(f"MLflow runs of experiment {campaign.experiment!r}: {result.runs_url}")
     if result.failures:
         typer.echo(f"{len(result.failures)} failed:", err=True)
         for line in result.failures:

@@ -27,8 +27,10 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def paired_latency(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int = 5) -> tuple[float, float]:
-    """Median wall time (s) of one forward pass of each model on the same random tokens.
+def paired_latency(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int = 5) -> tuple[float, float, float]:
+    """(median wall time (s) of one forward pass of each model on the same random tokens, and the
+    spread of their ratio: the interquartile range of the per-round speedups over their median;
+    NaN below 3 rounds, where no spread can be told).
 
     The two models take turns, after one warm-up pass each, so that drift in the machine's speed
     (other tenants, clock changes) hits both alike instead of skewing their ratio."""
@@ -41,7 +43,13 @@ def paired_latency(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len
             model(input_ids=ids, attention_mask=mask)
             if n:  # the first round is the warm-up
                 times[id(model)].append(time.perf_counter() - start)
-    return statistics.median(times[id(dense)]), statistics.median(times[id(pruned)])
+    dense_t, pruned_t = times[id(dense)], times[id(pruned)]
+    spread = float("nan")
+    if repeats >= 3:
+        ratios = [d / p for d, p in zip(dense_t, pruned_t)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        spread = (q3 - q1) / statistics.median(ratios)
+    return statistics.median(dense_t), statistics.median(pruned_t), spread
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -176,9 +184,11 @@ def efficiency(dense_adapter: Adapter, pruned_adapter: Adapter, seq_len: int = 1
         "latency_seq_len": seq_len,
     }
     for b in batch_sizes:
-        t_dense, t_pruned = paired_latency(dense_adapter.model, pruned_adapter.model, b, seq_len, repeats)
+        t_dense, t_pruned, spread = paired_latency(dense_adapter.model, pruned_adapter.model, b, seq_len, repeats)
         result[f"latency_b{b}_dense_s"] = t_dense
         result[f"latency_b{b}_s"] = t_pruned
         result[f"speedup_b{b}"] = t_dense / t_pruned
         result[f"speedup_b{b}_vs_ideal"] = (t_dense / t_pruned) / result["ideal_speedup"]
+        if spread == spread:  # not NaN: enough rounds to tell
+            result[f"speedup_b{b}_spread"] = spread
     return result

@@ -9,21 +9,49 @@ import csv
 import io
 from pathlib import Path
 
-# (column, record key, format); records are flat dicts of a unit's params and metrics
+# (column, record key, format); records are flat dicts of a unit's params and metrics, plus the
+# derived fields `with_derived` adds (keys starting with "_")
 COLUMNS = [
     ("model", "model", "{}"),
     ("method", "method", "{}"),
     ("budget", "budget", "{}"),
-    ("kept MACs", "kept_prunable_macs", "{:.3f}"),
-    ("MACs ratio", "macs_ratio", "{:.3f}"),
-    ("quality", "quality_metric", "{}"),
-    ("relative quality", "relative_quality", "{:.4f}"),
+    ("MACs kept", "_macs_kept", "{}"),
+    ("quality", "_quality", "{}"),
+    ("relative quality", "relative_quality", "{:.5f}"),
     ("accuracy", "accuracy", "{:.4f}"),
     ("params", "params", "{:,.0f}"),
-    ("speedup b32", "speedup_b32", "{:.2f}"),
+    ("speedup b32", "_speedup_b32", "{}"),
     ("vs ideal", "speedup_b32_vs_ideal", "{:.2f}"),
     ("status", "status", "{}"),
 ]
+NOISY_SPREAD = 0.1  # a speedup whose per-round values spread more than this (IQR / median) is marked
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def with_derived(record: dict) -> dict:
+    """The record with the cells that combine fields: the quality value named by its metric, the
+    whole model's MACs ratio with the sequence length it was counted at, and the speedup marked
+    when its measurement cannot be trusted (too few rounds, or a large spread)."""
+    out = dict(record)
+    metric = record.get("quality_metric")
+    if metric and _number(record.get(metric)) is not None:
+        out["_quality"] = f"{metric} {_number(record[metric]):.5g}"
+    ratio = _number(record.get("macs_ratio"))
+    if ratio is not None:
+        at = _number(record.get("latency_seq_len"))
+        out["_macs_kept"] = f"{ratio:.3f}" + (f" @{at:.0f} tok" if at else "")
+    speedup = _number(record.get("speedup_b32"))
+    if speedup is not None:
+        spread = _number(record.get("speedup_b32_spread"))
+        mark = " (few runs)" if spread is None else " (noisy)" if spread > NOISY_SPREAD else ""
+        out["_speedup_b32"] = f"{speedup:.2f}{mark}"
+    return out
 
 
 def _sort_key(record: dict):
@@ -49,7 +77,7 @@ def columns(records: list[dict]) -> list[tuple[str, str, str]]:
     calibration = {str(r["calibration_corpus"]) for r in records if r.get("calibration_corpus")}
     labels = sorted({k.removeprefix(CORPUS_METRIC) for r in records for k in r if k.startswith(CORPUS_METRIC)},
                     key=lambda label: (label not in calibration, label))
-    corpora = [(f"{label} (calib)" if label in calibration else label, CORPUS_METRIC + label, "{:.4f}") for label in labels]
+    corpora = [(f"{label} (calib)" if label in calibration else label, CORPUS_METRIC + label, "{:.5f}") for label in labels]
     redundant = corpora and all(r.get("relative_quality") in (None, "") or f"{CORPUS_METRIC}{r.get('calibration_corpus')}" in r for r in records)
     out = []
     for column in COLUMNS:
@@ -61,7 +89,7 @@ def columns(records: list[dict]) -> list[tuple[str, str, str]]:
 
 
 def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    records = sorted(records, key=_sort_key)
+    records = [with_derived(r) for r in sorted(records, key=_sort_key)]
     used = [c for c in columns(records) if any(r.get(c[1]) not in (None, "") for r in records)]
     return [c[0] for c in used], [[_cell(r, key, fmt) for _, key, fmt in used] for r in records]
 
@@ -97,7 +125,8 @@ def plot(records: list[dict], path: Path) -> Path:
     for (model, method), points in sorted(lines.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{model} / {method}")
-    ax.set_xlabel("MACs kept (pruned / dense, whole model at 128 tokens)")
+    lengths = sorted({f"{float(r['latency_seq_len']):.0f}" for r in records if _number(r.get("latency_seq_len"))})
+    ax.set_xlabel(f"MACs kept (pruned / dense, whole model at {' or '.join(lengths) or '?'} tokens)")
     ax.set_ylabel("relative quality (fidelity, or dense ppl / pruned ppl)")
     ax.grid(alpha=0.3)
     if lines:
@@ -122,6 +151,15 @@ def print_table(records: list[dict], title: str) -> None:
     console = Console()
     # a pipe or a log file gets 80 columns by default, which truncates every cell of this table
     Console(width=max(console.width, 150) if not console.is_terminal else None).print(table)
+
+
+def campaign_description(experiment: str, key: str, records: list[dict]) -> str:
+    """The campaign run's description in MLflow: what it is, and its table."""
+    done = sum(r.get("status") == "FINISHED" for r in records)
+    head = f"**{experiment}**, campaign {key}: {done} of {len(records)} units finished. Relative quality is the pruned model's " \
+           "quality over the dense model's on the same text (fidelity; or dense perplexity / pruned perplexity).\n\n"
+    table = to_markdown(records)
+    return head + (table if len(head) + len(table) <= 7900 else "(the table is too long for a description: see summary.md)\n")
 
 
 def write_summary(records: list[dict], folder: Path) -> dict[str, Path]:

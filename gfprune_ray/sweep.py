@@ -25,12 +25,12 @@ from .errors import UserError
 from .methods import SURGEON, TRAINED_METHODS
 from .progress import StageProgress, warn
 from .ray_data import check_source, fingerprint_and_length, iter_torch_batches, read_dataset, select_examples, shard, tokenize_rows
-from .report import print_table, write_summary
+from .report import campaign_description, print_table, write_summary
 from .locking import campaign_locks
 from .outputs import check_writable_folder, staged_output
 from .single import LATENCY_SEQ_LEN
 from .stats import GRADS_PART, ModelStats, load_cached_stats, save_stats, stats_fingerprint
-from .tracking import CORPORA_TAG, Tracker, check_store, package_versions, store_identity, store_uri
+from .tracking import CORPORA_TAG, Tracker, check_store, dataset_input, package_versions, store_identity, store_uri
 from .train_ray import TrainJob
 from .training import Schedule
 
@@ -58,6 +58,8 @@ class ModelWork:
     actors: list = field(default_factory=list)  # collectors kept for LLM Surgeon's shots
     train_batches: list = field(default_factory=list)  # calibration batches for cofi and flop
     failed: str | None = None
+    failed_details: str | None = None  # the whole error, for the model run's description
+    started_ms: int = 0  # when the model's first stage started: its unit runs start there
 
     def units_of(self, kind: str) -> list[Unit]:
         """The units of one kind of method: scored (statistics, scores, search), surgeon, trained."""
@@ -76,6 +78,7 @@ class SweepResult:
     failures: list[str]
     summary: dict[str, Path]
     campaign_run: str
+    runs_url: str
 
 
 def _where(source: str) -> str:
@@ -110,6 +113,7 @@ class Sweep:
         # unit key -> (run id, labels to add, corpora recorded) of a finished unit measured again on new corpora
         self.remeasure: dict[str, tuple[str, set[str], dict[str, str]]] = {}
         self.example_counts: dict[str, int] = {}  # the examples actually used, which a small corpus makes fewer than asked
+        self.datasets: list = []  # MLflow dataset inputs of every unit run: the calibration and evaluation examples
 
     # ---- preparing a model -----------------------------------------------------------------
 
@@ -117,6 +121,7 @@ class Sweep:
         """Everything up to submitting the model's units; raises on a model that cannot be used.
         `eval_rows`: label -> evaluation rows of each corpus, the calibration data's first."""
         source, seq_len = work.entry.source, self.c.seq_len_of(work.entry)
+        work.started_ms = int(time.time() * 1000)
         work.info = ray.get(farm.describe.remote(source))
         if work.info.max_positions is not None and seq_len > work.info.max_positions:
             raise UserError(f"seq-len {seq_len} exceeds the {work.info.max_positions} positions this model supports")
@@ -274,27 +279,31 @@ class Sweep:
         if unit.key in self.remeasure:
             self._finish_remeasure(unit, ref)
             return
+        # params are what a user filters and compares on; facts about the environment are tags
         params = {"model": unit.name, "source": unit.entry.source, "data": c.data, "calibration_corpus": self.calibration, "task": unit.entry.task}
-        params |= self._options(unit) | package_versions()
-        params |= {"model_fingerprint": work.info.fingerprint, "stats_fingerprint": work.stats_fp, "architecture": work.info.architecture}
+        params |= self._options(unit) | {"architecture": work.info.architecture}
+        tags = package_versions() | {"model_fingerprint": work.info.fingerprint, "stats_fingerprint": work.stats_fp, CORPORA_TAG: json.dumps(self.where)}
         try:
             result = ray.get(ref)
         except ray.exceptions.RayError as exc:
             error = _error_text(exc)
-            run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, {}, {CORPORA_TAG: json.dumps(self.where)})
-            self.tracker.end(run_id, ok=False, error=error)
+            run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, {}, tags, work.started_ms)
+            self.tracker.end(run_id, ok=False, error=error, details=str(exc))
             self.failures.append(f"{unit.label}: {error}")
             return
         params["quality_metric"] = result["metrics"].get("quality_metric", "")
         metrics = result["metrics"] | self._model_metrics(work, unit.method) | result["timings"]
         folder = self._write_model(unit, result["files"]) if result["files"] else None
-        run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, metrics, {CORPORA_TAG: json.dumps(self.where)})
+        run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, metrics, tags, work.started_ms)
+        self.tracker.log_datasets(run_id, self.datasets)
         self.tracker.log_json(run_id, result["masks"], "masks.json")
-        self.tracker.log_json(run_id, {"params": params, "metrics": metrics, "sizes": result["sizes"]}, "report.json")
+        self.tracker.log_json(run_id, {"params": params, "tags": tags, "metrics": metrics, "sizes": result["sizes"]}, "report.json")
         if folder is not None:
             self.tracker.log_folder(run_id, folder, "model")
         if "curve" in result:
             self.tracker.log_curve(run_id, result["curve"])
+        if folder is not None:
+            self.tracker.log_pruned_model(run_id, folder, c.register_model)
         self.tracker.end(run_id)
         if unit.method in TRAINED_METHODS:  # recorded: its training checkpoints are done with
             shutil.rmtree(self._train_storage() / unit.key, ignore_errors=True)
@@ -356,7 +365,9 @@ class Sweep:
             eval_rows = {self.calibration: eval_rows}
             for label, source in list(self.sources.items())[1:]:  # the rows that source would evaluate were it the calibration data
                 eval_rows[label] = select_examples(read_dataset(source), c.samples, c.eval_samples, c.seed, source, eval_only=True)[1]
-        campaign_run = self.tracker.campaign_run(c.key, c.experiment, self._campaign_params())
+            self.datasets = [dataset_input(self.calibration, self.where[self.calibration], [r["text"] for r in calib_rows], "calibration")]
+            self.datasets += [dataset_input(label, self.where[label], [r["text"] for r in rows], "evaluation") for label, rows in eval_rows.items()]
+        campaign_run = self.tracker.campaign_run(c.key, self._campaign_params(), package_versions())
         works = self._model_works(todo, campaign_run)
         if works:
             self.counter = farm.Counter.remote()
@@ -364,7 +375,7 @@ class Sweep:
                 try:
                     self.prepare(work, calib_rows, eval_rows)
                 except (UserError, ray.exceptions.RayError, ValueError, OSError) as exc:
-                    work.failed = _error_text(exc)
+                    work.failed, work.failed_details = _error_text(exc), str(exc)
                     self.failures.append(f"{work.name}: {work.failed}")
                 self.poll()
             while self.in_flight or self.collecting:
@@ -373,7 +384,7 @@ class Sweep:
         for work in works:
             self.tracker.log(work.run_id, metrics=self._statistics_metrics(work) if work.info else {})
             failed_units = [f for f in self.failures if f.startswith(f"{work.name}/")]
-            self.tracker.end(work.run_id, ok=work.failed is None and not failed_units, error=work.failed)
+            self.tracker.end(work.run_id, ok=work.failed is None and not failed_units, error=work.failed, details=work.failed_details)
         self.tracker.close_left_running(c.key, {w.run_id for w in works})
         return self._summarize(campaign_run, works)
 
@@ -426,7 +437,7 @@ class Sweep:
         c = self.c
         params = {k: getattr(c, k) for k in ("data", "samples", "eval_samples", "seq_len", "batch_size", "seed", "reconstruction", "allocation", "workers")}
         params |= {"eval_data": ",".join(c.eval_data), "models": ", ".join(e.source for e in c.models), "budgets": ",".join(f"{b:g}" for b in c.budgets), "methods": ",".join(c.methods)}
-        return params | package_versions()
+        return params
 
     def _summarize(self, campaign_run: str, works: list[ModelWork]) -> SweepResult:
         wanted = {u.key for u in self.c.units()}  # units of an earlier shape of the campaign stay in MLflow, not here
@@ -438,9 +449,10 @@ class Sweep:
         paths = write_summary(records, self.c.out)
         for path in paths.values():
             self.tracker.log_file(campaign_run, path)
+        self.tracker.describe(campaign_run, campaign_description(self.c.experiment, self.c.key, records))
         self.tracker.log(campaign_run, metrics={"units_finished": sum(r.get("status") == "FINISHED" for r in records), "units_failed": len(self.failures)})
         self.tracker.end(campaign_run, ok=not self.failures)
-        return SweepResult(records, self.failures, paths, campaign_run)
+        return SweepResult(records, self.failures, paths, campaign_run, self.tracker.runs_url())
 
 
 def run_sweep(campaign: Campaign) -> SweepResult:

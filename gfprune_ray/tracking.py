@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
 from .errors import UserError
@@ -31,6 +31,9 @@ DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: a sqlite file in th
 KIND, CAMPAIGN, UNIT, MODEL = "gfprune_kind", "gfprune_campaign", "gfprune_unit", "gfprune_model"
 CORPORA_TAG = "gfprune_corpora"  # a unit's evaluation corpora, JSON: label -> source
 PARENT = "mlflow.parentRunId"
+DESCRIPTION = "mlflow.note.content"  # what the UI shows as a run's description
+# MLflow 3's UI opens a GenAI overview ("No data") for experiments of unknown kind; this kind opens the runs table
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 
 
@@ -103,6 +106,22 @@ def _first_sentence(exc: Exception) -> str:
     return line.split(". ")[0][:300]
 
 
+TAG_LIMIT = 8000  # MLflow's limit on a tag value (a description is one)
+
+
+def campaign_name(key: str) -> str:
+    return f"campaign {key}"
+
+
+def dataset_input(label: str, source: str, texts: list[str], context: str) -> DatasetInput:
+    """The examples a run used, as an MLflow dataset input: the UI's Dataset column and filter."""
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    kind = "local" if Path(source).exists() else "named"
+    dataset = Dataset(name=label, digest=digest, source_type=kind, source=json.dumps({"uri": source}),
+                      profile=json.dumps({"num_rows": len(texts)}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+
+
 def _now() -> int:
     return int(time.time() * 1000)
 
@@ -120,7 +139,8 @@ class Tracker:
                 self.client = MlflowClient(self.uri)
                 found = self.client.get_experiment_by_name(experiment)
                 if found is None and create:
-                    found = self.client.get_experiment(self.client.create_experiment(experiment, self._artifact_location(experiment)))
+                    created = self.client.create_experiment(experiment, self._artifact_location(experiment), tags=EXPERIMENT_KIND)
+                    found = self.client.get_experiment(created)
             except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and HTTP errors alike end here in one line
                 raise UserError(f"MLflow tracking store {self.uri}: {_first_sentence(exc)}") from None
         if found is None:
@@ -152,12 +172,13 @@ class Tracker:
         self.client.update_run(runs[0].info.run_id, RunStatus.to_string(RunStatus.RUNNING))
         return runs[0].info.run_id
 
-    def campaign_run(self, key: str, name: str, params: dict) -> str:
-        """The campaign's parent run: the existing one for this key (a resume), or a new one."""
+    def campaign_run(self, key: str, params: dict, tags: dict) -> str:
+        """The campaign's parent run: the existing one for this key (a resume), or a new one,
+        named as `report` names the campaign."""
         run_id = self._resume(f"tags.{KIND} = 'campaign' and tags.{CAMPAIGN} = '{key}'")
         if run_id is None:
-            run_id = self._create(name, {KIND: "campaign", CAMPAIGN: key})
-            self.log(run_id, params=params)
+            run_id = self._create(campaign_name(key), {KIND: "campaign", CAMPAIGN: key})
+            self.log(run_id, params=params, tags=tags)
         return run_id
 
     def model_run(self, campaign_key: str, campaign_run: str, name: str, source: str) -> str:
@@ -180,10 +201,17 @@ class Tracker:
         runs = self._search(f"tags.{KIND} = 'unit' and tags.{CAMPAIGN} = '{campaign_key}' and attributes.status = '{FINISHED}'")
         return {run.data.tags.get(UNIT): (set(run.data.metrics), json.loads(run.data.tags.get(CORPORA_TAG, "{}"))) for run in runs}
 
-    def unit_run(self, campaign_key: str, model_run: str, unit, params: dict, metrics: dict, tags: dict | None = None) -> str:
-        run_id = self._create(unit.label, {KIND: "unit", CAMPAIGN: campaign_key, UNIT: unit.key, MODEL: unit.name} | (tags or {}), model_run)
+    def unit_run(self, campaign_key: str, model_run: str, unit, params: dict, metrics: dict, tags: dict, start_ms: int) -> str:
+        """A unit's run, named for the row it is under its model's (`gfp@0.6`), starting when its
+        work started (the run is created only when its results are in hand)."""
+        tags = {KIND: "unit", CAMPAIGN: campaign_key, UNIT: unit.key, MODEL: unit.name, PARENT: model_run} | tags
+        run_id = self.client.create_run(self.experiment_id, start_time=start_ms, tags=tags, run_name=f"{unit.method}@{unit.budget:g}").info.run_id
         self.log(run_id, params=params, metrics=metrics)
         return run_id
+
+    def log_datasets(self, run_id: str, datasets: list[DatasetInput]) -> None:
+        if datasets:
+            self.client.log_inputs(run_id, datasets=datasets)
 
     def log(self, run_id: str, params: dict | None = None, metrics: dict | None = None, tags: dict | None = None) -> None:
         now = _now()
@@ -191,7 +219,7 @@ class Tracker:
             run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)],
             params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
-            tags=[RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()],
+            tags=[RunTag(k, str(v)[:TAG_LIMIT]) for k, v in (tags or {}).items()],
         )
 
     def log_curve(self, run_id: str, rows: list[dict], prefix: str = "train/") -> None:
@@ -211,13 +239,41 @@ class Tracker:
     def log_folder(self, run_id: str, folder, path: str) -> None:
         self.client.log_artifacts(run_id, str(folder), path)
 
+    def log_pruned_model(self, run_id: str, folder: Path, register: str | None = None) -> str:
+        """The saved folder as an MLflow model of this run (see mlflow_model.py), registered as a
+        new version of `register` when given; returns its model URI."""
+        import mlflow
+
+        from . import mlflow_model
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the CLI draws its own bars
+        mlflow.set_tracking_uri(self.uri)
+        requirements = [f"{name}=={metadata.version(name)}" for name in ("gfprune-ray", "torch", "transformers", "mlflow")]
+        # start_run(run_id) ends the run when the block ends: the caller logs this last, then ends it
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(name="pruned_model", python_model=mlflow_model.__file__, artifacts={mlflow_model.ARTIFACT: str(folder)},
+                                           pip_requirements=requirements, registered_model_name=register)
+        return info.model_uri
+
     def log_file(self, run_id: str, file) -> None:
         self.client.log_artifact(run_id, str(file))
 
-    def end(self, run_id: str, ok: bool = True, error: str | None = None) -> None:
+    def end(self, run_id: str, ok: bool = True, error: str | None = None, details: str | None = None) -> None:
+        """Close a run; a failure's one line goes to the `error` tag, and its whole text (`details`,
+        e.g. the traceback) to the run's description."""
         if error:
-            self.log(run_id, tags={"error": error})
+            self.log(run_id, tags={"error": error, DESCRIPTION: details or error})
         self.client.set_terminated(run_id, FINISHED if ok else RunStatus.to_string(RunStatus.FAILED))
+
+    def describe(self, run_id: str, markdown: str) -> None:
+        self.log(run_id, tags={DESCRIPTION: markdown})
+
+    def runs_url(self) -> str:
+        """Where the runs table of this experiment opens in the MLflow UI."""
+        page = f"#/experiments/{self.experiment_id}/runs"
+        if urlparse(self.uri).scheme in ("http", "https"):
+            return f"{self.uri.rstrip('/')}/{page}"
+        return f"http://127.0.0.1:5000/{page} (after: mlflow ui --backend-store-uri {self.uri})"
 
     def delete_run(self, run_id: str) -> None:
         self.client.delete_run(run_id)

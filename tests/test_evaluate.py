@@ -55,9 +55,11 @@ def test_paired_latency_times_both_models_on_the_same_input():
     small = tiny_model("bert")
     big_config = small.config.__class__(**{**small.config.to_dict(), "num_hidden_layers": 8})
     big = type(small)(big_config).eval()
-    t_big, t_small = paired_latency(big, small, batch_size=4, seq_len=32, repeats=5)
+    t_big, t_small, spread = paired_latency(big, small, batch_size=4, seq_len=32, repeats=5)
     assert t_big > 0 and t_small > 0
     assert t_big > t_small  # four times the layers is slower, even on a noisy machine
+    assert 0 <= spread < 10  # the interquartile range of five per-round speedups, over their median
+    assert math.isnan(paired_latency(big, small, batch_size=4, seq_len=32, repeats=2)[2]), "two rounds tell no spread"
 
 
 def test_corpus_references_report_each_corpus_and_the_calibration_one_plainly():

@@ -116,7 +116,7 @@ def test_a_second_campaign_loads_the_statistics_from_the_cache(ws):
         assert run.data.metrics["collect_s"] == 0.0
         # the statistics loaded are the ones collected: the same token count
         assert run.data.metrics["calibration_tokens"] == next(iter(first.values())).data.metrics["calibration_tokens"]
-        assert run.data.params["stats_fingerprint"] == next(iter(first.values())).data.params["stats_fingerprint"]
+        assert run.data.tags["stats_fingerprint"] == next(iter(first.values())).data.tags["stats_fingerprint"]
     (model_run,) = ws.client.search_runs([ws.client.get_experiment_by_name("again").experiment_id], "tags.gfprune_kind = 'model'")
     assert model_run.data.metrics["stats_reused"] == 1.0 and model_run.data.metrics["collect_s"] == 0.0
     assert ws.cache_files() == cached, "no collection ran: the cache is neither rewritten nor added to"
