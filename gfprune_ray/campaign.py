@@ -93,7 +93,7 @@ class Campaign(BaseModel):
     cache_dir: Path | None = None
     address: str | None = None
     tracking_uri: str | None = None
-    latency_repeats: Positive = 5
+    latency_repeats: Annotated[int, Field(ge=0)] = 5  # 0: no latency measured
     shots: Positive = SHOTS  # llm-surgeon: shots to reach each budget
     steps: Positive = STEPS_CPU  # cofi, flop: training steps per unit
     checkpoint_every: Positive = CHECKPOINT_EVERY  # cofi, flop: steps between checkpoints

@@ -183,7 +183,7 @@ def efficiency(dense_adapter: Adapter, pruned_adapter: Adapter, seq_len: int = 1
         "params": count_params(pruned_adapter.model),
         "latency_seq_len": seq_len,
     }
-    for b in batch_sizes:
+    for b in batch_sizes if repeats > 0 else ():  # 0 repeats: no latency, only the counts
         t_dense, t_pruned, spread = paired_latency(dense_adapter.model, pruned_adapter.model, b, seq_len, repeats)
         result[f"latency_b{b}_dense_s"] = t_dense
         result[f"latency_b{b}_s"] = t_pruned

@@ -34,23 +34,37 @@ def _number(value) -> float | None:
         return None
 
 
-def with_derived(record: dict) -> dict:
+def with_derived(record: dict, shared: dict | None = None) -> dict:
     """The record with the cells that combine fields: the quality value named by its metric, the
     whole model's MACs ratio with the sequence length it was counted at, and the speedup marked
-    when its measurement cannot be trusted (too few rounds, or a large spread)."""
+    when its measurement cannot be trusted (too few rounds, or a large spread). What `shared`
+    says every row has in common (`quality_metric`, `latency_seq_len`) goes to the header instead."""
+    shared = shared or {}
     out = dict(record)
     metric = record.get("quality_metric")
     if metric and _number(record.get(metric)) is not None:
-        out["_quality"] = f"{metric} {_number(record[metric]):.5g}"
+        number = _number(record[metric])
+        value = f"{number:.5f}" if abs(number) < 10 else f"{number:,.2f}"  # 0.99999 is not 1; a perplexity needs no 5 digits
+        out["_quality"] = value if "quality_metric" in shared else f"{metric} {value}"
     ratio = _number(record.get("macs_ratio"))
     if ratio is not None:
         at = _number(record.get("latency_seq_len"))
-        out["_macs_kept"] = f"{ratio:.3f}" + (f" @{at:.0f} tok" if at else "")
+        out["_macs_kept"] = f"{ratio:.3f}" + ("" if "latency_seq_len" in shared or not at else f" @{at:.0f} tok")
     speedup = _number(record.get("speedup_b32"))
     if speedup is not None:
         spread = _number(record.get("speedup_b32_spread"))
         mark = " (few runs)" if spread is None else " (noisy)" if spread > NOISY_SPREAD else ""
         out["_speedup_b32"] = f"{speedup:.2f}{mark}"
+    return out
+
+
+def shared_fields(records: list[dict]) -> dict:
+    """`quality_metric` and `latency_seq_len` where every row that has one has the same."""
+    out = {}
+    for key in ("quality_metric", "latency_seq_len"):
+        values = {str(r[key]) for r in records if r.get(key) not in (None, "")}
+        if len(values) == 1:
+            out[key] = values.pop()
     return out
 
 
@@ -89,8 +103,12 @@ def columns(records: list[dict]) -> list[tuple[str, str, str]]:
 
 
 def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    records = [with_derived(r) for r in sorted(records, key=_sort_key)]
-    used = [c for c in columns(records) if any(r.get(c[1]) not in (None, "") for r in records)]
+    shared = shared_fields(records)
+    headers = {"_quality": shared.get("quality_metric", "quality")}
+    if "latency_seq_len" in shared:
+        headers["_macs_kept"] = f"MACs kept @{float(shared['latency_seq_len']):.0f} tok"
+    records = [with_derived(r, shared) for r in sorted(records, key=_sort_key)]
+    used = [(headers.get(c[1], c[0]), *c[1:]) for c in columns(records) if any(r.get(c[1]) not in (None, "") for r in records)]
     return [c[0] for c in used], [[_cell(r, key, fmt) for _, key, fmt in used] for r in records]
 
 

@@ -70,6 +70,8 @@ class PruneOptions:
         for name in ("samples", "eval_samples", "seq_len", "batch_size", "shots", "steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.latency_repeats < 0:
+            raise UserError(f"latency-repeats must be 0 (no latency) or more, got {self.latency_repeats}")
         return self
 
 

@@ -99,3 +99,13 @@ def test_fidelity_is_the_mean_cosine_of_mean_pooled_embeddings_of_two_different_
     value = QualityReference(dense, adapter_for(dense), batches).measure(other)["fidelity"]
     assert 0.05 < abs(value) < 0.95  # not a trivial case: the models really differ
     assert math.isclose(value, sum(expected) / len(expected), abs_tol=1e-5)
+
+
+def test_efficiency_without_repeats_counts_but_does_not_time():
+    from gfprune_ray.evaluate import efficiency
+
+    dense = tiny_model("bert")
+    smaller = type(dense)(dense.config.__class__(**{**dense.config.to_dict(), "num_hidden_layers": 1})).eval()
+    result = efficiency(adapter_for(dense), adapter_for(smaller), seq_len=16, repeats=0)
+    assert not [k for k in result if "latency_b" in k or k.startswith("speedup")], sorted(result)
+    assert math.isclose(result["ideal_speedup"], result["dense_macs"] / result["macs"]) and result["ideal_speedup"] > 1.5

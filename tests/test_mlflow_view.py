@@ -21,7 +21,7 @@ from gfprune_ray import farm, load_pruned
 from gfprune_ray.data import tokenize
 from gfprune_ray.evaluate import sentence_embeddings
 from gfprune_ray.campaign import load_campaign
-from gfprune_ray.report import to_markdown, with_derived
+from gfprune_ray.report import table_rows, to_markdown
 from gfprune_ray.sweep import run_sweep
 
 pytestmark = pytest.mark.timeout(300)
@@ -106,13 +106,21 @@ def test_the_campaign_run_describes_the_campaign_and_a_failure_its_whole_error(c
 
 def test_the_table_shows_the_quality_value_enough_digits_and_one_named_macs_figure(campaign):
     [record] = [r for r in campaign.result.records if r.get("status") == "FINISHED"]
-    cells = with_derived(record)
-    assert cells["_quality"] == f"fidelity {float(record['fidelity']):.5g}"
-    assert cells["_macs_kept"] == f"{float(record['macs_ratio']):.3f} @64 tok"  # 128 tokens, or all the positions of a smaller model
-    assert cells["_speedup_b32"].endswith("(few runs)"), "one latency round cannot tell its spread"
+    # in a table of one kind of model, the metric and the sequence length go to the header
+    header, [row] = table_rows([record])
+    assert "fidelity" in header and "MACs kept @64 tok" in header  # 128 tokens, or all the positions of a smaller model
+    assert row[header.index("fidelity")] == f"{float(record['fidelity']):.5f}"
+    assert row[header.index("MACs kept @64 tok")] == f"{float(record['macs_ratio']):.3f}"
+    assert row[header.index("speedup b32")].endswith("(few runs)"), "one latency round cannot tell its spread"
+    # mixed rows name them in each cell
+    other = {**record, "quality_metric": "perplexity", "perplexity": 36.4172, "latency_seq_len": 128}
+    header, rows = table_rows([record, other])
+    assert "quality" in header and "MACs kept" in header
+    assert sorted(r[header.index("quality")] for r in rows) == sorted([f"fidelity {float(record['fidelity']):.5f}", "perplexity 36.42"])
+    assert any(r[header.index("MACs kept")].endswith("@128 tok") for r in rows)
     plain = {k: v for k, v in record.items() if "/" not in k} | {"relative_quality": 0.999991}
-    row = to_markdown([plain]).splitlines()[-1]
-    assert "| 0.99999 |" in row and "1.00000" not in row
+    header, [row] = table_rows([plain])
+    assert row[header.index("relative quality")] == "0.99999", "five decimals tell 0.99999 from 1"
 
 
 def test_each_pruned_model_is_an_mlflow_model_registered_and_loadable(campaign):
