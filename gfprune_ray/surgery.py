@@ -117,8 +117,32 @@ def _saved_dtype(config) -> torch.dtype | None:
     return saved if isinstance(saved, torch.dtype) else None
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built in this block get their parameters on the meta device (no memory, and their
+    random initialisation computes nothing); buffers stay real, so the non-persistent ones that
+    constructors compute (rotary frequencies, position ids) keep their values. A parameter's
+    constructor still asks for an uninitialised tensor first, but it is dropped before anything
+    touches its pages."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a model saved by gfprune-ray: the ordinary transformers class, with narrower layers.
+
+    The model is built with its parameters on the meta device, narrowed, and given the saved
+    weights as they are read: memory holds the pruned model once, never the full-size one.
 
     >>> model = load_pruned("runs/minilm-0.6")   # a BertModel; pipelines, generate, save_pretrained work
     """
@@ -130,19 +154,22 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module
     if model_class is None:
         raise ValueError(f"{path}: config names no transformers architecture")
     hidden = config.__dict__.pop(HIDDEN_KEY, None)  # build at full width, then cut (like heads)
-    model = model_class(config)
-    if sizes is not None:
-        adapter_for(model).resize(sizes)
-    if hidden is not None:
-        adapter_for(model).cut_hidden(torch.arange(hidden))
-    refactorize(model, getattr(config, FACTORIZED_KEY, None) or {})
+    with parameters_on_meta():
+        model = model_class(config)
+        if sizes is not None:
+            adapter_for(model).resize(sizes)
+        if hidden is not None:
+            adapter_for(model).cut_hidden(torch.arange(hidden))
+        refactorize(model, getattr(config, FACTORIZED_KEY, None) or {})
     dtype = dtype or _saved_dtype(config)
     if dtype is not None:
-        model = model.to(dtype)  # before loading, so bf16 weights are not upcast
+        model = model.to(dtype)  # the buffers; parameters take the weights' dtype below
     state = _state_dict(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded_storage = {p.data_ptr() for name, p in model.named_parameters() if name in state}
-    untied = [k for k in missing if model.get_parameter(k).data_ptr() not in loaded_storage] if missing else []
-    if untied or unexpected:
-        raise ValueError(f"{path}: weights do not fit the saved sizes (missing {untied}, unexpected {unexpected})")
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # a tied head shares the embedding it was saved with, not the meta placeholder
+    empty = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if empty or unexpected:
+        raise ValueError(f"{path}: weights do not fit the saved sizes (missing {empty}, unexpected {unexpected})")
     return model.eval()
