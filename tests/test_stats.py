@@ -97,11 +97,13 @@ def test_gram_stats_match_direct_sums():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 7, generator=g)
     s = GramStats.zeros(7)
-    s.add_(x[:20])
+    s.add_(x[:5])
+    s.add_(x[5:20])
     s.add_(x[20:])
     x64 = x.to(torch.float64)
     assert int(s.n) == 50
     assert _rel(s.gram, x64.T @ x64) < 1e-6
+    assert _rel(s.gram, s.gram.T) < 1e-7
     assert _rel(s.total, x64.sum(0)) < 1e-6
     assert _rel(s.mean, x64.mean(0)) < 1e-6
     assert _rel(s.second_moment, x64.T @ x64 / 50) < 1e-6
