@@ -35,6 +35,8 @@ STEPS_HELP = ("cofi, flop: steps that train the gates with the weights; a quarte
               "about 10000 (the papers train for epochs).")
 CHECKPOINT_EVERY = 50  # = methods.trained.CHECKPOINT_EVERY
 CHECKPOINT_HELP = "cofi, flop: training steps between checkpoints; a killed run resumes from the last one when the same command runs again."
+LATENCY_HELP = ("Timed forward passes of each model per latency measurement, taking turns (the median is reported, with the "
+                "spread of the speedup from 3 on); 0 skips latency.")
 MODEL_HELP = "Local model folder, hub id, a llama.cpp .gguf file, or a packaged model: pkg:all-minilm-l6-v2, pkg:all-mpnet-base-v2, pkg:smollm2-135m."
 
 
@@ -84,7 +86,7 @@ def prune(
     batch_size: int = typer.Option(32, help="Sequences per forward pass."),
     seed: int = typer.Option(0, help="Seed of the data split, of the targets the statistics sample from the model (no labels) and of the random method."),
     stats: Path | None = typer.Option(None, help="Statistics file: reused when it exists (refused if it belongs to another model or data), written otherwise."),
-    latency_repeats: int = typer.Option(5, help="Timed forward passes of each model per latency measurement, taking turns (the median is reported, with the spread of the speedup from 3 on); 0 skips latency."),
+    latency_repeats: int = typer.Option(5, help=LATENCY_HELP),
     shots: int = typer.Option(5, help="llm-surgeon: shots to reach the budget, each with curvature collected again on the partly pruned model."),
     steps: int = typer.Option(STEPS_CPU, help=STEPS_HELP),
     checkpoint_every: int = typer.Option(CHECKPOINT_EVERY, help=CHECKPOINT_HELP),
@@ -110,7 +112,7 @@ def evaluate(
     seq_len: int | None = typer.Option(None, help="Tokens per example (default: as when pruned)."),
     batch_size: int | None = typer.Option(None, help="Sequences per forward pass (default: as when pruned)."),
     seed: int | None = typer.Option(None, help="Seed of the data split (default: as when pruned, so no calibration text is scored)."),
-    latency_repeats: int | None = typer.Option(None, help="Timed forward passes of each model per latency measurement, taking turns (the median is reported, with the spread of the speedup from 3 on); 0 skips latency."),
+    latency_repeats: int | None = typer.Option(None, help=LATENCY_HELP),
 ) -> None:
     """Measure a pruned model against its dense source: quality, MACs, parameters, latency.
 
@@ -160,7 +162,7 @@ def sweep(
     save_models: bool | None = typer.Option(None, "--save-models/--no-save-models", help="Write pruned models (to OUT and as MLflow artifacts).", show_default="save"),
     register: str | None = typer.Option(None, help="Register every pruned model as a version of this MLflow registered model (each is also logged as an MLflow model of its unit run)."),
     cache_dir: Path | None = typer.Option(None, help="Statistics cache, reused by later campaigns (default: GFPRUNE_RAY_CACHE or ~/.cache/gfprune-ray)."),
-    latency_repeats: int | None = typer.Option(None, help="Timed forward passes of each model per latency measurement, taking turns (the median is reported, with the spread of the speedup from 3 on); 0 skips latency.", show_default="5"),
+    latency_repeats: int | None = typer.Option(None, help=LATENCY_HELP, show_default="5"),
     shots: int | None = typer.Option(None, help="llm-surgeon: shots per budget, each a farm round on the partly pruned model.", show_default="5"),
     steps: int | None = typer.Option(None, help=STEPS_HELP, show_default=str(STEPS_CPU)),
     checkpoint_every: int | None = typer.Option(None, help=CHECKPOINT_HELP, show_default=str(CHECKPOINT_EVERY)),

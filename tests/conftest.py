@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import subprocess
@@ -176,3 +177,19 @@ def legal_head_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
         return mask.clone()
     k = int(counts[counts > 0].min())
     return (per_group & (per_group.cumsum(1) <= k)).reshape(-1)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh embedded Ray for one test module (address="local": even if a `ray start --head`
+    cluster runs on this machine), with the farm's Ray Data settings."""
+    import ray
+
+    from gfprune_ray import farm
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2, logging_level=logging.WARNING, log_to_driver=False)
+    farm.quiet_ray_data()
+    yield
+    ray.shutdown()

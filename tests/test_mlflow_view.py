@@ -5,19 +5,16 @@ whole error as its run's description, and an experiment that opens on its runs t
 
 from __future__ import annotations
 
-import logging
-import os
 
 import mlflow
 import torch
 import transformers
 
 import pytest
-import ray
 from conftest import make_tokenizer, save_tiny, sentences
 from mlflow.tracking import MlflowClient
 
-from gfprune_ray import farm, load_pruned
+from gfprune_ray import load_pruned
 from gfprune_ray.data import tokenize
 from gfprune_ray.evaluate import sentence_embeddings
 from gfprune_ray.campaign import load_campaign
@@ -28,12 +25,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def campaign(tmp_path_factory):
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2,
-             logging_level=logging.WARNING, log_to_driver=False)
-    farm.quiet_ray_data()
+def campaign(local_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("view")
     tokenizer = make_tokenizer(root)
     save_tiny(root / "tiny-bert", "bert", 0, tokenizer)
@@ -50,8 +42,7 @@ def campaign(tmp_path_factory):
     ns.client = MlflowClient(c.tracking_uri)
     ns.experiment = ns.client.get_experiment_by_name("view")
     ns.runs = {kind: ns.client.search_runs([ns.experiment.experiment_id], f"tags.gfprune_kind = '{kind}'") for kind in ("campaign", "model", "unit")}
-    yield ns
-    ray.shutdown()
+    return ns
 
 
 def test_the_experiment_opens_on_its_runs_table_and_the_sweep_says_where(campaign):

@@ -7,18 +7,14 @@ one head, computed here from the model's geometry and the saved model's weights.
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
 
 import pytest
-import ray
 from conftest import make_tokenizer, save_tiny, sentences
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
-from gfprune_ray import farm
 from gfprune_ray.campaign import load_campaign
 from gfprune_ray.sweep import run_sweep
 
@@ -30,16 +26,6 @@ BUDGETS = [0.9, 0.7, 0.5, 0.3]
 METHODS = ["gfp", "magnitude"]
 SMALL = dict(samples=32, eval_samples=16, seq_len=16, batch_size=8, workers=1, latency_repeats=1)
 DETERMINISTIC = ("relative_quality", "kept_prunable_macs", "params", "calibration_tokens")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2, logging_level=logging.WARNING, log_to_driver=False)
-    farm.quiet_ray_data()
-    yield
-    ray.shutdown()
 
 
 class Workspace:
