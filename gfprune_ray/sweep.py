@@ -22,12 +22,12 @@ from . import farm, surgeon_farm, train_farm
 from .campaign import Campaign, ModelEntry, Unit
 from .data import CORPORA, evaluation_sources, with_labels
 from .errors import UserError
+from .locking import campaign_locks
 from .methods import SURGEON, TRAINED_METHODS
+from .outputs import check_writable_folder, staged_output
 from .progress import StageProgress, warn
 from .ray_data import check_source, fingerprint_and_length, iter_torch_batches, read_dataset, select_examples, shard, tokenize_rows
 from .report import campaign_description, print_table, write_summary
-from .locking import campaign_locks
-from .outputs import check_writable_folder, staged_output
 from .single import LATENCY_SEQ_LEN
 from .stats import GRADS_PART, ModelStats, load_cached_stats, save_stats, stats_fingerprint
 from .tracking import CORPORA_TAG, Tracker, check_store, dataset_input, package_versions, store_identity, store_uri

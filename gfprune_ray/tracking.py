@@ -88,7 +88,8 @@ def check_store(uri: str, write: bool = True) -> None:
                 raise UserError(f"--tracking-uri {uri}: {path} is not a sqlite database")
             if write and not os.access(path, os.W_OK):
                 raise UserError(f"--tracking-uri {uri}: {path} cannot be written")
-        path.absolute().parent.mkdir(parents=True, exist_ok=True)
+        if write:  # sqlite creates the file, not its folder
+            path.absolute().parent.mkdir(parents=True, exist_ok=True)
     elif scheme in ("http", "https"):
         where = urlparse(uri)
         port = where.port or (443 if scheme == "https" else 80)
