@@ -103,8 +103,8 @@ def scaling(a, work: Path) -> dict:
     """Collection alone (actors started, shards collected, reduced), 1 worker vs `--workers`."""
     import ray
 
-    from gfprune_ray import farm
-    from gfprune_ray.ray_data import read_dataset, select_examples, tokenize_rows
+    from gfprune_ray.farm import stages as farm
+    from gfprune_ray.farm.ray_data import read_dataset, select_examples, tokenize_rows
 
     farm.connect(None)
     calib_rows, _ = select_examples(read_dataset("pydoc"), a.samples, a.eval_samples, 0)

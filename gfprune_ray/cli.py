@@ -172,8 +172,8 @@ def sweep(
     Statistics are collected once per model and reused for every method and budget (and by later
     campaigns). Rerunning the same campaign skips the units that finished. Exits with 1 when a
     model or unit failed (the others still finish), with 2 on bad input."""
-    from .campaign import load_campaign
-    from .sweep import run_sweep
+    from .farm.campaign import load_campaign
+    from .farm.sweep import run_sweep
 
     options = {
         "budgets": _floats(budgets, "budgets"), "methods": _names(methods), "data": data, "eval_data": _names(eval_data), "samples": samples,
@@ -202,8 +202,8 @@ def report(
     markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown instead."),
 ) -> None:
     """Print a campaign's summary table from MLflow."""
-    from .report import print_table, to_markdown
-    from .tracking import Tracker
+    from .farm.report import print_table, to_markdown
+    from .farm.tracking import Tracker
 
     def records():
         tracker = Tracker(tracking_uri, experiment, create=False)

@@ -188,7 +188,7 @@ def _train(source: str, batches: list[dict], labels: list[int] | None, opts: Pru
     record, outcome with masks and loss curve, checkpoint folder)."""
     import ray
 
-    from . import farm
+    from .farm import stages
     from .train_ray import TrainJob, read_outcome
     from .training import Schedule
 
@@ -201,7 +201,7 @@ def _train(source: str, batches: list[dict], labels: list[int] | None, opts: Pru
     schedule = Schedule(steps=opts.steps, budget=opts.budget, seed=opts.seed, checkpoint_every=opts.checkpoint_every)
     job = TrainJob(source, opts.method, schedule, with_labels(batches, labels), seq_len, name, str(storage), threads=os.cpu_count() or 1)
     started = not ray.is_initialized()
-    farm.connect()
+    stages.connect()
     try:
         start = time.perf_counter()
         folder = _fit_with_progress(job, schedule.total_steps)
@@ -221,10 +221,10 @@ def _fit_with_progress(job, steps: int) -> Path:
     """`train_ray.fit` in a thread while this one draws a bar of the steps the worker reports."""
     import ray
 
-    from . import farm
+    from .farm import stages
     from .train_ray import fit
 
-    job.counter = farm.Counter.remote()
+    job.counter = stages.Counter.remote()
     with ThreadPoolExecutor(1) as pool, bar("train", steps) as step:
         running = pool.submit(fit, job, cpus_per_worker=ray.cluster_resources().get("CPU", 1))
         shown = 0

@@ -185,7 +185,7 @@ def local_ray():
     cluster runs on this machine), with the farm's Ray Data settings."""
     import ray
 
-    from gfprune_ray import farm
+    from gfprune_ray.farm import stages as farm
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

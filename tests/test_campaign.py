@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gfprune_ray.campaign import load_campaign, read_models_file
+from gfprune_ray.farm.campaign import load_campaign, read_models_file
 from gfprune_ray.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

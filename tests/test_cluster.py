@@ -227,7 +227,7 @@ def test_cronjob_creates_the_same_rayjob_on_a_schedule(rayjob_docs):
 
 
 def test_example_campaign_parses():
-    # Syntax only; the campaign schema itself is gfprune_ray.campaign's to check.
+    # Syntax only; the campaign schema itself is gfprune_ray.farm.campaign's to check.
     campaign = _load(JOBS / "campaign.yaml")
     assert isinstance(campaign, dict) and campaign["models"]
     models = (JOBS / campaign["models"]).read_text()

@@ -15,18 +15,20 @@ import ray
 import torch
 from conftest import make_tokenizer, save_tiny, sentences
 
-from gfprune_ray import farm, load_pruned, surgeon_farm
-from gfprune_ray.campaign import load_campaign
+from gfprune_ray import load_pruned
+from gfprune_ray.farm import stages as farm
+from gfprune_ray.farm import surgeon_shots
+from gfprune_ray.farm.campaign import load_campaign
 from gfprune_ray.curvature import collect_curvature
 from gfprune_ray.data import Examples, batches_fingerprint, heldout_flags, mean_tokens_per_sequence, read_examples, split_examples
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
 from gfprune_ray.methods.surgeon import SurgeonState
 from gfprune_ray.pipeline import calibrate, mark_heldout, surgeon_model, surgeon_shot
-from gfprune_ray.ray_data import fingerprint_and_length, read_dataset, select_examples, shard, tokenize_rows
+from gfprune_ray.farm.ray_data import fingerprint_and_length, read_dataset, select_examples, shard, tokenize_rows
 from gfprune_ray.single import PruneOptions, prepare_batches, prune_model
-from gfprune_ray.sweep import run_sweep
-from gfprune_ray.tracking import Tracker
+from gfprune_ray.farm.sweep import run_sweep
+from gfprune_ray.farm.tracking import Tracker
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -134,10 +136,10 @@ def test_two_actors_give_the_single_process_curvature(local_ray, ws, family):
     pruned = surgeon_shot(dense, single_dense, weights, geoms, 0.6, mean_tokens_per_sequence(batches))
     info = ray.get(farm.describe.remote(str(source)))
     shards = shard(calib, 2)  # Ray Data tasks: before the actors start
-    plan = surgeon_farm.ShotPlan(farm.start_collectors(str(source), 2, long_lived=True), shards, info.sites, info.geometries, {}, 10.0, 8, 0)
+    plan = surgeon_shots.ShotPlan(farm.start_collectors(str(source), 2, long_lived=True), shards, info.sites, info.geometries, {}, 10.0, 8, 0)
     for state in (dense, pruned):
         want = collect_curvature(surgeon_model(adapter, state), mark_heldout(batches), seed=0)
-        curvature, _ = surgeon_farm.submit_curvature(plan, ray.put(state))
+        curvature, _ = surgeon_shots.submit_curvature(plan, ray.put(state))
         got = dict(zip(curvature, ray.get(list(curvature.values()))))
         assert {s for s, t in got.items() if t.value is not None} == set(want.sites)
         for site in want.sites:

@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 from gfprune_ray import load_pruned
 from gfprune_ray.data import tokenize
 from gfprune_ray.evaluate import sentence_embeddings
-from gfprune_ray.campaign import load_campaign
-from gfprune_ray.report import table_rows, to_markdown
-from gfprune_ray.sweep import run_sweep
+from gfprune_ray.farm.campaign import load_campaign
+from gfprune_ray.farm.report import table_rows, to_markdown
+from gfprune_ray.farm.sweep import run_sweep
 
 pytestmark = pytest.mark.timeout(300)
 

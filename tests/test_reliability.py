@@ -265,7 +265,7 @@ def test_a_second_sweep_of_a_running_campaign_stops_in_one_line_and_nothing_is_r
 def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
     """Different campaigns racing to create one sqlite store: each gets its experiment, none a
     migration traceback."""
-    code = ("import sys; from gfprune_ray.tracking import Tracker; "
+    code = ("import sys; from gfprune_ray.farm.tracking import Tracker; "
             "t = Tracker(sys.argv[1], sys.argv[2]); print(t.experiment_id)")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     procs = [subprocess.Popen([sys.executable, "-c", code, uri, f"e{i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -15,8 +15,8 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
-from gfprune_ray.campaign import load_campaign
-from gfprune_ray.sweep import run_sweep
+from gfprune_ray.farm.campaign import load_campaign
+from gfprune_ray.farm.sweep import run_sweep
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import ray
 
-from .curvature import SiteCurvature
-from .farm import Timed, reduce_tree, ref_list, set_threads, shard_batches
-from .methods import surgeon
-from .methods.surgeon import SurgeonState
-from .models import BlockGeometry, UnitWeights
-from .search import Site
+from ..curvature import SiteCurvature
+from ..methods import surgeon
+from ..methods.surgeon import SurgeonState
+from ..models import BlockGeometry, UnitWeights
+from ..search import Site
+from .stages import Timed, reduce_tree, ref_list, set_threads, shard_batches
 
 
 @ray.remote(num_cpus=1)

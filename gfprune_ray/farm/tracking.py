@@ -23,9 +23,9 @@ from urllib.parse import urlparse
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
-from .errors import UserError
+from ..errors import UserError
+from ..outputs import check_writable_folder
 from .locking import exclusive, lock_path
-from .outputs import check_writable_folder
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: a sqlite file in the working directory
 KIND, CAMPAIGN, UNIT, MODEL = "gfprune_kind", "gfprune_campaign", "gfprune_unit", "gfprune_model"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import ray
 
-from .farm import EvalSpec, Timed, _load, measure_and_pack, set_threads
-from .models import adapter_for
-from .train_ray import TrainJob, fit, read_outcome
+from ..models import adapter_for
+from ..train_ray import TrainJob, fit, read_outcome
+from .stages import EvalSpec, Timed, _load, measure_and_pack, set_threads
 
 
 @ray.remote(num_cpus=0)

@@ -2,7 +2,7 @@
 
     describe (task)          load the model once: fingerprint, geometry, per-site weights
     Collector (actors)       each holds the model and sums statistics over one shard of the text
-                             (or LLM Surgeon's curvature: see surgeon_farm.py)
+                             (or LLM Surgeon's curvature: see surgeon_shots.py)
     add_pair (tasks)         a tree of additions reduces the shards' statistics, per site
     score_site (tasks)       one per (model, method, site)
     search (task)            one per (model, method, budget): masks under the MACs budget
@@ -30,18 +30,18 @@ from typing import Any, NamedTuple
 import ray
 import torch
 
-from .errors import UserError
-from .evaluate import CorpusReferences, efficiency
-from .curvature import collect_curvature
-from .methods import get_method
-from .methods.surgeon import SurgeonState
-from .models import BlockGeometry, UnitWeights, adapter_for
-from .pipeline import site_generator, surgeon_model
+from ..curvature import collect_curvature
+from ..errors import UserError
+from ..evaluate import CorpusReferences, efficiency
+from ..methods import get_method
+from ..methods.surgeon import SurgeonState
+from ..models import BlockGeometry, UnitWeights, adapter_for
+from ..pipeline import site_generator, surgeon_model
+from ..reconstruct import reconstruct
+from ..search import SEARCHES, Site
+from ..stats import weights_fingerprint
+from ..surgery import apply_pruning, save_pruned
 from .ray_data import iter_torch_batches, shard
-from .reconstruct import reconstruct
-from .search import SEARCHES, Site
-from .stats import weights_fingerprint
-from .surgery import apply_pruning, save_pruned
 
 LOCAL_OBJECT_STORE = 1536 * 1024**2  # the default would reserve ~30% of RAM for the object store
 RETRIES = 2
@@ -116,7 +116,7 @@ def _device() -> torch.device:
 
 
 def _load(source: str):
-    from .loading import load_model
+    from ..loading import load_model
 
     model, tokenizer = load_model(source)
     return adapter_for(model), tokenizer

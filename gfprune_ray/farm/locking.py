@@ -22,8 +22,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO
 
-from .errors import UserError
-from .packaged import cache_root
+from ..errors import UserError
+from ..packaged import cache_root
 
 WAIT_POLL_S = 0.1
 

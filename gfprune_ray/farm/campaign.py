@@ -19,13 +19,13 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from .errors import UserError
-from .loading import PACKAGED_PREFIX, looks_like_path
-from .methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
-from .methods.surgeon import SHOTS
-from .methods.trained import CHECKPOINT_EVERY, STEPS_CPU
-from .reconstruct import MODES
-from .search import SEARCHES
+from ..errors import UserError
+from ..loading import PACKAGED_PREFIX, looks_like_path
+from ..methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
+from ..methods.surgeon import SHOTS
+from ..methods.trained import CHECKPOINT_EVERY, STEPS_CPU
+from ..reconstruct import MODES
+from ..search import SEARCHES
 
 TASKS = ("auto", "embedding", "lm", "classification")
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from .data import (
+from ..data import (
     CORPORA,
     JSON_SUFFIXES,
     PARQUET_SUFFIXES,
@@ -29,7 +29,7 @@ from .data import (
     load_hf_dataset,
     checked_split_sizes,
 )
-from .errors import UserError
+from ..errors import UserError
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -133,7 +133,7 @@ def select_examples(ds: ray.data.Dataset, samples: int, eval_samples: int, seed:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(source: str):
-    from .loading import load_tokenizer
+    from ..loading import load_tokenizer
 
     return load_tokenizer(source)
 

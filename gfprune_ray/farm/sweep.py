@@ -17,22 +17,22 @@ from pathlib import Path
 
 import ray
 
-from . import __version__
-from . import farm, surgeon_farm, train_farm
+from .. import __version__
+from ..data import CORPORA, evaluation_sources, with_labels
+from ..errors import UserError
+from ..methods import SURGEON, TRAINED_METHODS
+from ..outputs import check_writable_folder, staged_output
+from ..progress import StageProgress, warn
+from ..single import LATENCY_SEQ_LEN
+from ..stats import GRADS_PART, ModelStats, load_cached_stats, save_stats, stats_fingerprint
+from ..train_ray import TrainJob
+from ..training import Schedule
+from . import stages, surgeon_shots, train_units
 from .campaign import Campaign, ModelEntry, Unit
-from .data import CORPORA, evaluation_sources, with_labels
-from .errors import UserError
 from .locking import campaign_locks
-from .methods import SURGEON, TRAINED_METHODS
-from .outputs import check_writable_folder, staged_output
-from .progress import StageProgress, warn
 from .ray_data import check_source, fingerprint_and_length, iter_torch_batches, read_dataset, select_examples, shard, tokenize_rows
 from .report import campaign_description, print_table, write_summary
-from .single import LATENCY_SEQ_LEN
-from .stats import GRADS_PART, ModelStats, load_cached_stats, save_stats, stats_fingerprint
 from .tracking import CORPORA_TAG, Tracker, check_store, dataset_input, package_versions, store_identity, store_uri
-from .train_ray import TrainJob
-from .training import Schedule
 
 POLL_S = 0.25
 
@@ -45,7 +45,7 @@ class ModelWork:
     name: str
     run_id: str
     units: list[Unit]
-    info: farm.ModelInfo | None = None
+    info: stages.ModelInfo | None = None
     stats_fp: str = ""
     stats_path: Path | None = None
     stats_reused: bool = False
@@ -122,7 +122,7 @@ class Sweep:
         `eval_rows`: label -> evaluation rows of each corpus, the calibration data's first."""
         source, seq_len = work.entry.source, self.c.seq_len_of(work.entry)
         work.started_ms = int(time.time() * 1000)
-        work.info = ray.get(farm.describe.remote(source))
+        work.info = ray.get(stages.describe.remote(source))
         if work.info.max_positions is not None and seq_len > work.info.max_positions:
             raise UserError(f"seq-len {seq_len} exceeds the {work.info.max_positions} positions this model supports")
         calib = tokenize_rows(calib_rows, source, seq_len, self.c.batch_size)
@@ -134,7 +134,7 @@ class Sweep:
         shards = None
         if work.units_of("surgeon"):  # its actors serve every shot, so they outlive one collection
             shards = shard(calib, self.c.workers)  # Ray Data tasks: before any actor takes a CPU
-            work.actors = farm.start_collectors(source, len(shards), long_lived=True)
+            work.actors = stages.start_collectors(source, len(shards), long_lived=True)
         if work.units_of("trained"):
             batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in iter_torch_batches(calib, self.c.batch_size)]
             labels = [int(r["label"]) for r in calib.select_columns(["label"]).iter_rows()] if "label" in calib.columns() else None
@@ -148,26 +148,26 @@ class Sweep:
         sites = work.info.sites
         parts = load_cached_stats(work.stats_path, work.stats_fp, warn)
         if parts is not None:
-            work.sites = {s: ray.put(farm.Timed((parts["fit"][s], parts["heldout"][s], parts[GRADS_PART][s]), 0.0)) for s in sites}
+            work.sites = {s: ray.put(stages.Timed((parts["fit"][s], parts["heldout"][s], parts[GRADS_PART][s]), 0.0)) for s in sites}
             work.stats_reused, work.collect_s = True, 0.0
             work.tokens = parts["fit"].tokens + parts["heldout"].tokens
             return
         work.collect_start = time.perf_counter()
-        work.sites, batches = farm.submit_collection(work.entry.source, calib, sites, self.c.workers, self.c.batch_size, self.c.seed, self.counter, work.actors or None)
+        work.sites, batches = stages.submit_collection(work.entry.source, calib, sites, self.c.workers, self.c.batch_size, self.c.seed, self.counter, work.actors or None)
         self.progress.add("collect", batches)
         self.collecting.append(work)
 
     def submit_units(self, work: ModelWork, evaluation: dict, shards: list | None = None) -> None:
         info, c = work.info, self.c
-        weights = farm.submit_site_weights(work.entry.source, info.sites)
-        ref = farm.reference.remote(work.entry.source, evaluation, self.calibration, c.batch_size, work.entry.task)
+        weights = stages.submit_site_weights(work.entry.source, info.sites)
+        ref = stages.reference.remote(work.entry.source, evaluation, self.calibration, c.batch_size, work.entry.task)
         scored = work.units_of("scored")
         for method in dict.fromkeys(u.method for u in scored):
-            work.scores[method] = [farm.score_site.remote(method, weights[s], work.sites[s], c.seed, s) for s in info.sites]
+            work.scores[method] = [stages.score_site.remote(method, weights[s], work.sites[s], c.seed, s) for s in info.sites]
             self._track("score", work.scores[method])
         for unit in scored:
-            masks = farm.search.remote(c.allocation, unit.budget, work.mean_seq_len, info.geometries, info.sites, *work.scores[unit.method])
-            recs = [farm.reconstruct_site.remote(c.reconstruction, masks, s, weights[s], work.sites[s]) for s in info.sites]
+            masks = stages.search.remote(c.allocation, unit.budget, work.mean_seq_len, info.geometries, info.sites, *work.scores[unit.method])
+            recs = [stages.reconstruct_site.remote(c.reconstruction, masks, s, weights[s], work.sites[s]) for s in info.sites]
             self._track("search", [masks])
             self._track("reconstruct", recs)
             self._submit_evaluation(unit, work, ref, masks, recs)
@@ -175,9 +175,9 @@ class Sweep:
             self._submit_training(unit, work, ref)
         surgeons = work.units_of("surgeon")
         if surgeons:
-            plan = surgeon_farm.ShotPlan(work.actors, shards, info.sites, info.geometries, weights,
+            plan = surgeon_shots.ShotPlan(work.actors, shards, info.sites, info.geometries, weights,
                                          work.mean_seq_len, c.batch_size, c.seed, self.counter)
-            chains, batches = surgeon_farm.submit_chains(plan, [u.budget for u in surgeons], c.shots, self._track)
+            chains, batches = surgeon_shots.submit_chains(plan, [u.budget for u in surgeons], c.shots, self._track)
             self.progress.add("collect", batches)
             for unit, chain in zip(surgeons, chains):
                 masks, timings, recs = chain.outputs
@@ -185,7 +185,7 @@ class Sweep:
 
     def _submit_evaluation(self, unit: Unit, work: ModelWork, ref, masks, recs: list, timings=None) -> None:
         spec = self._eval_spec(unit, work)
-        result = farm.evaluate_unit.remote(spec, ref, masks, *recs, timings=timings)
+        result = stages.evaluate_unit.remote(spec, ref, masks, *recs, timings=timings)
         self._track("evaluate", [result])
         self.in_flight[result] = (unit, work)
 
@@ -193,19 +193,19 @@ class Sweep:
         c = self.c
         schedule = Schedule(steps=c.steps, budget=unit.budget, seed=c.seed, checkpoint_every=c.checkpoint_every)
         if self.train_counter is None:
-            self.train_counter = farm.Counter.remote()
+            self.train_counter = stages.Counter.remote()
         job = TrainJob(unit.entry.source, unit.method, schedule, work.train_batches, work.mean_seq_len, unit.key,
                        str(self._train_storage()), counter=self.train_counter)
-        trained = train_farm.train_unit.remote(job, farm.gpus_available())
+        trained = train_units.train_unit.remote(job, stages.gpus_available())
         self.progress.add("train", schedule.total_steps)  # the bar counts training steps, reported by the workers
-        result = train_farm.evaluate_trained.remote(self._eval_spec(unit, work), ref, trained)
+        result = train_units.evaluate_trained.remote(self._eval_spec(unit, work), ref, trained)
         self._track("evaluate", [result])
         self.in_flight[result] = (unit, work)
 
-    def _eval_spec(self, unit: Unit, work: ModelWork) -> farm.EvalSpec:
+    def _eval_spec(self, unit: Unit, work: ModelWork) -> stages.EvalSpec:
         c = self.c
         save = c.save_models and unit.key not in self.remeasure  # a unit measured again has its model saved already
-        return farm.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, save, self._record(unit, work))
+        return stages.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, save, self._record(unit, work))
 
     def _train_storage(self) -> Path:
         return (self.c.out / ".train").absolute()
@@ -215,7 +215,7 @@ class Sweep:
         self.progress.add(stage, len(refs))
 
     @staticmethod
-    def _latency_seq_len(info: farm.ModelInfo) -> int:
+    def _latency_seq_len(info: stages.ModelInfo) -> int:
         return min(LATENCY_SEQ_LEN, info.max_positions or LATENCY_SEQ_LEN)
 
     def _options(self, unit: Unit) -> dict:
@@ -359,7 +359,7 @@ class Sweep:
         self._find_remeasures(finished)
         todo = [u for u in c.units() if u.key not in finished or u.key in self.remeasure]
         if todo:  # bad data fails here, before any run is recorded
-            farm.connect(c.address)
+            stages.connect(c.address)
             calib_rows, eval_rows = select_examples(read_dataset(c.data), c.samples, c.eval_samples, c.seed, c.data)
             self.example_counts = {"calibration_examples": len(calib_rows), "evaluation_examples": len(eval_rows)}
             eval_rows = {self.calibration: eval_rows}
@@ -370,7 +370,7 @@ class Sweep:
         campaign_run = self.tracker.campaign_run(c.key, self._campaign_params(), package_versions())
         works = self._model_works(todo, campaign_run)
         if works:
-            self.counter = farm.Counter.remote()
+            self.counter = stages.Counter.remote()
             for work in works:
                 try:
                     self.prepare(work, calib_rows, eval_rows)
@@ -462,7 +462,7 @@ def run_sweep(campaign: Campaign) -> SweepResult:
     # every external resource is checked before any work and before any MLflow write
     check_writable_folder(campaign.out, "--out")
     check_writable_folder(campaign.stats_dir(), "--cache-dir")
-    farm.check_address(campaign.address)
+    stages.check_address(campaign.address)
     uri = store_uri(campaign.tracking_uri)
     check_store(uri)
     with campaign_locks(store_identity(uri), campaign.key, campaign.experiment, campaign.out):
