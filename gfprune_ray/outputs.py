@@ -54,7 +54,10 @@ def check_output_folder(out: Path, force: bool, what: str = "--out") -> None:
             os.rename(out, probe)
         except OSError as exc:
             raise UserError(f"{what} {out} cannot be replaced ({exc.strerror or exc}): give another folder") from None
-        os.rename(probe, out)
+        try:
+            os.rename(probe, out)
+        except OSError as exc:  # never seen; but the user's folder must not be lost under another name silently
+            raise UserError(f"{what} {out}: moved to {probe} to test it and could not be moved back ({exc.strerror or exc})") from None
 
 
 def _pid_alive(pid: int) -> bool:

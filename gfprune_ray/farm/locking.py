@@ -50,7 +50,8 @@ def _open(path: Path) -> IO[str]:
 
 
 def _write_note(handle: IO[str], what: str) -> None:
-    note = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:2]) or what,
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]) if sys.argv and sys.argv[0] else what
+    note = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
             "since": time.strftime("%Y-%m-%d %H:%M:%S"), "what": what}
     handle.seek(0)
     handle.truncate()
