@@ -11,7 +11,7 @@ import transformers
 from safetensors import SafetensorError
 
 from .data import prepare_tokenizer
-from .errors import UserError
+from .errors import UserError, first_line
 from .packaged import GGUF_SUFFIX, PACKAGED, PACKAGED_PREFIX, gguf_model_folder, packaged_model_path  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # tokenizer loading (in Ray Data workers) needs no torch
@@ -64,10 +64,6 @@ def _quiet_local_load(local: bool) -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     """The tokenizer of a model, ready for padded batches."""
@@ -76,7 +72,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         with _quiet_local_load(Path(where).is_dir()):
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load the tokenizer of {source}: {_first_line(exc)}") from None
+        raise UserError(f"cannot load the tokenizer of {source}: {first_line(exc)}") from None
     return prepare_tokenizer(tokenizer)
 
 
@@ -96,7 +92,7 @@ def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module,
                 model = _model_class(config).from_pretrained(where, trust_remote_code=trust_remote_code, use_safetensors=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as exc:  # a damaged weights file raises the last
-        raise UserError(f"cannot load model {source}: {_first_line(exc)}") from None
+        raise UserError(f"cannot load model {source}: {first_line(exc)}") from None
     prepare_tokenizer(tokenizer)
     if model.config.pad_token_id is None:  # sequence classifiers need it to find the last token
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -35,7 +35,7 @@ from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 PACKAGED_PREFIX = "pkg:"
 GGUF_SUFFIX = ".gguf"
@@ -49,10 +49,6 @@ def cache_root() -> Path:
 def models_cache() -> Path:
     return cache_root() / "models"
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _files_key(paths: list[Path]) -> str:
@@ -82,7 +78,7 @@ def _build_once(target: Path, what: str, build: Callable[[Path], None]) -> Path:
         except UserError:
             raise
         except Exception as exc:
-            raise UserError(f"cannot convert {what}: {_first_line(exc)}") from None
+            raise UserError(f"cannot convert {what}: {first_line(exc)}") from None
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return target

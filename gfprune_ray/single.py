@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from . import __version__
 from .data import (Examples, batches_fingerprint, evaluation_sources, mean_tokens_per_sequence, read_examples, split_examples, tokenize,
                    with_labels)
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluate import CorpusReferences, efficiency
 from .flops import check_budget
 from .loading import load_model
@@ -325,7 +325,7 @@ def evaluate_saved(path: Path, overrides: dict, dense_source: str | None = None)
     try:
         pruned = load_pruned(path)
     except (OSError, ValueError, SafetensorError) as exc:
-        raise UserError(f"cannot load pruned model {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot load pruned model {path}: {first_line(exc)}") from None
     _, eval_batches, labels = prepare_batches(tokenizer, examples, opts, data)
     reference = references(dense, sources, eval_batches, labels, others, tokenizer, opts)
     metrics = measure(dense, adapter_for(pruned), reference, opts)

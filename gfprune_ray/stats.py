@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .models import KINDS, Adapter, Kind
 
 GRADS_PART = "grads"
@@ -279,15 +279,11 @@ def _read_checked(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     except UserError:
         raise
     except Exception as exc:  # safetensors raises its own error types, on open and on a short read
-        raise DamagedStats(f"{path}: not a readable statistics file ({_first_line(exc)})") from None
+        raise DamagedStats(f"{path}: not a readable statistics file ({first_line(exc)})") from None
     if tensors_checksum(tensors) != meta.get("checksum"):
         raise DamagedStats(f"{path}: statistics file is damaged (its data does not match the checksum written with it)")
     return meta, tensors
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_cached_stats(path: Path, fingerprint: str, warn: Callable[[str], None]) -> dict[str, ModelStats] | None:

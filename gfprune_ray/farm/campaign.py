@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..loading import PACKAGED_PREFIX, looks_like_path
 from ..methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
 from ..methods.surgeon import SHOTS
@@ -267,7 +267,7 @@ def load_campaign(config: Path | None = None, models: Path | None = None, **opti
         except FileNotFoundError:
             raise UserError(f"campaign file not found: {config}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise UserError(f"{config}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise UserError(f"{config}: not valid YAML ({first_line(exc)})") from None
         if not isinstance(loaded, dict):
             raise UserError(f"{config}: expected a mapping of campaign settings")
         fields = dict(loaded)

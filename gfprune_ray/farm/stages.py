@@ -31,7 +31,7 @@ import ray
 import torch
 
 from ..curvature import collect_curvature
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..evaluate import CorpusReferences, efficiency
 from ..methods import get_method
 from ..methods.surgeon import SurgeonState
@@ -81,8 +81,7 @@ def connect(address: str | None = None) -> None:
         try:
             ray.init(address=address, **common)  # a real cluster keeps whatever auth it is set up with
         except Exception as exc:  # noqa: BLE001 - ray.init raises ConnectionError, RuntimeError, ValueError...
-            text = str(exc).strip().splitlines()
-            raise UserError(f"cannot connect to the Ray cluster at {address}: {text[0] if text else type(exc).__name__}") from None
+            raise UserError(f"cannot connect to the Ray cluster at {address}: {first_line(exc)}") from None
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private in-process cluster needs no token
         ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **common)

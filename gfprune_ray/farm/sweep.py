@@ -19,7 +19,7 @@ import ray
 
 from .. import __version__
 from ..data import CORPORA, evaluation_sources, with_labels
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..methods import SURGEON, TRAINED_METHODS
 from ..outputs import check_writable_folder, staged_output
 from ..progress import StageProgress, warn
@@ -32,7 +32,7 @@ from .campaign import Campaign, ModelEntry, Unit
 from .locking import campaign_locks
 from .ray_data import check_source, fingerprint_and_length, iter_torch_batches, read_dataset, select_examples, shard, tokenize_rows
 from .report import campaign_description, print_table, write_summary
-from .tracking import CORPORA_TAG, Tracker, check_store, dataset_input, package_versions, store_identity, store_uri
+from .tracking import CORPORA_TAG, Tracker, dataset_input, package_versions, store_identity, store_uri
 
 POLL_S = 0.25
 
@@ -91,9 +91,9 @@ def _error_text(exc: BaseException) -> str:
     """One line for a failure: a user error's message, else the cause's type and last line (Ray
     wraps a task's exception with its traceback; the summary wants only what went wrong)."""
     cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip().splitlines()
     if isinstance(cause, UserError):
-        return (text[0] if text else type(cause).__name__)[:500]
+        return first_line(cause)[:500]
+    text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
 
 
@@ -459,12 +459,12 @@ def run_sweep(campaign: Campaign) -> SweepResult:
     """Run (or resume) a campaign; prints the summary table. Failures are returned, not raised."""
     for source in evaluation_sources(campaign.data, campaign.eval_data).values():
         check_source(source)
-    # every external resource is checked before any work and before any MLflow write
+    # every external resource is checked before any work and before any MLflow write (the
+    # tracking store by the Tracker, first thing once the campaign is held)
     check_writable_folder(campaign.out, "--out")
     check_writable_folder(campaign.stats_dir(), "--cache-dir")
     stages.check_address(campaign.address)
     uri = store_uri(campaign.tracking_uri)
-    check_store(uri)
     with campaign_locks(store_identity(uri), campaign.key, campaign.experiment, campaign.out):
         tracker = Tracker(uri, campaign.experiment)
         with StageProgress() as progress:

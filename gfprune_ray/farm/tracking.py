@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..outputs import check_writable_folder
 from .locking import exclusive, lock_path
 
@@ -60,14 +60,17 @@ def store_uri(tracking_uri: str | None) -> str:
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a sqlite URI (sqlite:///relative, sqlite:////absolute); None in memory."""
+    """The database file of a sqlite URI (sqlite:///relative, sqlite:////absolute); None in memory
+    or for another kind of store."""
+    if not uri.startswith("sqlite:"):
+        return None
     path = uri.removeprefix("sqlite://").removeprefix("/")
     return None if path in ("", ":memory:") else Path(path)
 
 
 def store_identity(uri: str) -> str:
     """The store as a lock names it: a sqlite file by its absolute path, other URIs as written."""
-    path = _sqlite_path(uri) if uri.startswith("sqlite:") else None
+    path = _sqlite_path(uri)
     return f"sqlite:///{path.absolute()}" if path is not None else uri
 
 
@@ -102,9 +105,7 @@ def check_store(uri: str, write: bool = True) -> None:
 
 
 def _first_sentence(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line.split(". ")[0][:300]
+    return first_line(exc).split(". ")[0][:300]
 
 
 TAG_LIMIT = 8000  # MLflow's limit on a tag value (a description is one)
@@ -131,7 +132,7 @@ class Tracker:
     def __init__(self, tracking_uri: str | None, experiment: str, create: bool = True):
         self.uri = store_uri(tracking_uri)
         check_store(self.uri, write=create)
-        database = _sqlite_path(self.uri) if self.uri.startswith("sqlite:") else None
+        database = _sqlite_path(self.uri)
         if not create and database is not None and not database.exists():  # reading must not create a store
             raise UserError(f"no MLflow experiment named {experiment!r} at {self.uri} (no database there)")
         # processes opening a new store at once race in its schema migration: one at a time
@@ -151,7 +152,7 @@ class Tracker:
     def _artifact_location(self, experiment: str) -> str | None:
         """A sqlite store keeps its artifacts beside it (MLflow's default is ./mlruns of whatever
         folder the command runs in, which scatters one store's artifacts over folders)."""
-        database = _sqlite_path(self.uri) if self.uri.startswith("sqlite:") else None
+        database = _sqlite_path(self.uri)
         if database is None:
             return None
         return (database.absolute().parent / "mlruns" / hashlib.sha256(experiment.encode()).hexdigest()[:12]).as_uri()
