@@ -1,14 +1,16 @@
 """Where results land on disk: checked before the work starts, written whole or not at all.
 
-A pruned model is written under `.NAME.partial-PID` next to its destination and renamed into
+A pruned model is written under `.NAME.partial-PID@HOST` next to its destination and renamed into
 place at the end, so a failure never leaves half a model under the real name. What a killed
-process leaves (its partial folder) is removed by the next run that writes next to it.
+process leaves (its partial folder) is removed by the next run on the same host that writes next
+to it (on shared storage, another host's process cannot be checked from here: left alone).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,9 +73,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_partials(out: Path) -> None:
-    """Partial folders for `out` whose process is gone (killed) are deleted."""
+    """Partial folders for `out` whose process (on this host) is gone, killed, are deleted."""
     for partial in out.parent.glob(f".{out.name}{PARTIAL}*"):
-        pid = partial.name.rpartition(PARTIAL)[2]
+        pid, _, host = partial.name.rpartition(PARTIAL)[2].partition("@")
+        if host and host != socket.gethostname():
+            continue
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
 
@@ -86,7 +90,7 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
     new_parents = [p for p in out.absolute().parents if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)
-    staging = out.parent / f".{out.name}{PARTIAL}{os.getpid()}"
+    staging = out.parent / f".{out.name}{PARTIAL}{os.getpid()}@{socket.gethostname()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
 

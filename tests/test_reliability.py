@@ -167,14 +167,19 @@ def test_an_output_that_cannot_be_replaced_leaves_nothing_behind(ws, tmp_path):
 def test_a_killed_prunes_partial_folder_is_removed_by_the_next_run(ws, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".out.partial-{dead.pid}"
+    host = socket.gethostname()
+    stale = tmp_path / f".out.partial-{dead.pid}@{host}"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
-    alive = tmp_path / f".out.partial-{os.getppid()}"  # a live process's: not ours to remove
+    older = tmp_path / f".out.partial-{dead.pid}"  # named as before hosts were in the name
+    older.mkdir()
+    alive = tmp_path / f".out.partial-{os.getppid()}@{host}"  # a live process's: not ours to remove
     alive.mkdir()
+    elsewhere = tmp_path / f".out.partial-{dead.pid}@another-{host}"  # on shared storage: cannot be checked here
+    elsewhere.mkdir()
     result = run_cli("prune", ws.model, "--out", tmp_path / "out", "--data", ws.data, *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not stale.exists() and alive.exists()
+    assert not stale.exists() and not older.exists() and alive.exists() and elsewhere.exists()
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 

@@ -8,10 +8,12 @@
     search (task)            one per (model, method, budget): masks under the MACs budget
     reconstruct_site (tasks) one per (model, method, budget, site): new output weights
     reference (task)         one per model: what the dense model scores on each evaluation corpus
-    evaluate_unit (task)     one per (model, method, budget): cut, measure, pack the saved model
+    evaluate_unit (task)     one per (model, method, budget): cut, measure, write the pruned model
+                             to its folder under OUT (storage every node sees on a cluster)
 
 Arguments are object refs wherever a stage consumes another's output, so statistics and weights
-move between workers through the object store, not through the driver. Every stage returns a
+move between workers through the object store, not through the driver; pruned models go from the
+task that builds them straight to disk, and only their folder's path reaches the driver. Every stage returns a
 `Timed` value so the driver can record how long each piece of work took where it ran.
 """
 
@@ -21,7 +23,6 @@ import copy
 import logging
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from ..evaluate import CorpusReferences, efficiency
 from ..methods import get_method
 from ..methods.surgeon import SurgeonState
 from ..models import BlockGeometry, UnitWeights, adapter_for
+from ..outputs import staged_output
 from ..pipeline import site_generator, surgeon_model
 from ..reconstruct import reconstruct
 from ..search import SEARCHES, Site
@@ -339,17 +341,13 @@ class EvalSpec:
     sites: list[Site]
     latency_seq_len: int
     latency_repeats: int
-    save: bool
+    folder: str | None  # where the pruned model goes (None: not saved)
     record: dict  # written as gfprune.json beside a saved model
-
-
-def _pack(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @ray.remote(num_cpus=1)
 def evaluate_unit(spec: EvalSpec, ref: CorpusReferences, masks: Timed, *recs: Timed, timings: dict | None = None) -> dict:
-    """Cut a copy of the model, measure it against the dense one, pack the saved model's files.
+    """Cut a copy of the model, measure it against the dense one, save it to `spec.folder`.
     `timings` (seconds of stages that ran before, e.g. LLM Surgeon's shots) replace the defaults."""
     set_threads(1)
     start = time.perf_counter()
@@ -358,19 +356,19 @@ def evaluate_unit(spec: EvalSpec, ref: CorpusReferences, masks: Timed, *recs: Ti
     weights = {site: r.value for site, r in zip(spec.sites, recs) if r.value is not None}
     apply_pruning(pruned, masks.value, weights)
     kept = masks.value.kept_fraction(dense.geometries(), spec.record["mean_seq_len"])
-    result = measure_and_pack(spec, ref, dense, pruned, tokenizer, masks.value.to_json(), {"kept_prunable_macs": kept})
+    result = measure_and_save(spec, ref, dense, pruned, tokenizer, masks.value.to_json(), {"kept_prunable_macs": kept})
     timings = {"search_s": masks.seconds, "reconstruct_s": sum(r.seconds for r in recs)} | (timings or {})
     timings["evaluate_s"] = time.perf_counter() - start
     return result | {"timings": timings}
 
 
-def measure_and_pack(spec: EvalSpec, ref: CorpusReferences, dense, pruned, tokenizer, masks_json: dict, extra: dict) -> dict:
-    """Quality and efficiency of a cut model next to the dense one, and the saved model's files."""
+def measure_and_save(spec: EvalSpec, ref: CorpusReferences, dense, pruned, tokenizer, masks_json: dict, extra: dict) -> dict:
+    """Quality and efficiency of a cut model next to the dense one; the model saved in its folder
+    (written aside and renamed: a folder left by a killed attempt at this unit is replaced).
+    Returning the folder's path, not its files, keeps a 7B model out of the object store."""
     metrics = ref.measure(pruned.model) | efficiency(dense, pruned, seq_len=spec.latency_seq_len, repeats=spec.latency_repeats) | extra
-    files = None
-    if spec.save:
-        with tempfile.TemporaryDirectory() as folder:
-            record = spec.record | {"metrics": metrics, "sizes": pruned.sizes(), "masks": masks_json}
-            save_pruned(pruned.model, folder, tokenizer, record)
-            files = _pack(Path(folder))
-    return {"metrics": metrics, "masks": masks_json, "sizes": pruned.sizes(), "files": files}
+    if spec.folder is not None:
+        record = spec.record | {"metrics": metrics, "sizes": pruned.sizes(), "masks": masks_json}
+        with staged_output(Path(spec.folder), force=True) as staging:
+            save_pruned(pruned.model, staging, tokenizer, record)
+    return {"metrics": metrics, "masks": masks_json, "sizes": pruned.sizes(), "folder": spec.folder}

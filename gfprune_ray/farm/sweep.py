@@ -205,7 +205,8 @@ class Sweep:
     def _eval_spec(self, unit: Unit, work: ModelWork) -> stages.EvalSpec:
         c = self.c
         save = c.save_models and unit.key not in self.remeasure  # a unit measured again has its model saved already
-        return stages.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, save, self._record(unit, work))
+        folder = str(self._model_folder(unit).absolute()) if save else None  # absolute: workers run elsewhere
+        return stages.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, folder, self._record(unit, work))
 
     def _train_storage(self) -> Path:
         return (self.c.out / ".train").absolute()
@@ -293,7 +294,7 @@ class Sweep:
             return
         params["quality_metric"] = result["metrics"].get("quality_metric", "")
         metrics = result["metrics"] | self._model_metrics(work, unit.method) | result["timings"]
-        folder = self._write_model(unit, result["files"]) if result["files"] else None
+        folder = Path(result["folder"]) if result["folder"] else None  # written there by the unit's task
         run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, metrics, tags, work.started_ms)
         self.tracker.log_datasets(run_id, self.datasets)
         self.tracker.log_json(run_id, result["masks"], "masks.json")
@@ -339,16 +340,6 @@ class Sweep:
 
     def _model_folder(self, unit: Unit) -> Path:
         return self.c.out / unit.name / f"{unit.method}-{unit.budget:g}"
-
-    def _write_model(self, unit: Unit, files: dict[str, bytes]) -> Path:
-        """The pruned model under out/<model>/<method>-<budget>, written aside and then renamed
-        (a folder left by a killed attempt at this unit is replaced)."""
-        folder = self._model_folder(unit)
-        with staged_output(folder, force=True) as staging:
-            for rel, data in files.items():
-                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                (staging / rel).write_bytes(data)
-        return folder
 
     # ---- the whole campaign ----------------------------------------------------------------
 

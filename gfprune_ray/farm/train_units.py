@@ -4,7 +4,7 @@
                              whose workers take the CPUs (or GPUs); the task itself takes none,
                              so that waiting for its trainer cannot starve the trainer
     evaluate_trained (task)  loads the cut model from the final checkpoint, measures it against
-                             the dense model, packs the saved model, returns the loss curve
+                             the dense model, saves it to its folder, returns the loss curve
 
 Training runs are named by the unit's key and keep their checkpoints under the campaign's output
 folder (OUT/.train/<unit key>; on a multi-node cluster OUT must be storage every node sees), so a
@@ -21,7 +21,7 @@ import ray
 
 from ..models import adapter_for
 from ..train_ray import TrainJob, fit, read_outcome
-from .stages import EvalSpec, Timed, _load, measure_and_pack, set_threads
+from .stages import EvalSpec, Timed, _load, measure_and_save, set_threads
 
 
 @ray.remote(num_cpus=0)
@@ -38,6 +38,6 @@ def evaluate_trained(spec: EvalSpec, ref, trained: Timed) -> dict:
     dense, tokenizer = _load(spec.source)
     model, outcome = read_outcome(Path(trained.value))
     extra = {"kept_prunable_macs": outcome["kept_prunable_macs"], "trimmed": outcome["trimmed"], "train_steps": len(outcome["curve"])}
-    result = measure_and_pack(spec, ref, dense, adapter_for(model), tokenizer, outcome["masks"], extra)
+    result = measure_and_save(spec, ref, dense, adapter_for(model), tokenizer, outcome["masks"], extra)
     timings = {"train_s": trained.seconds, "evaluate_s": time.perf_counter() - start}
     return result | {"timings": timings, "curve": outcome["curve"]}
