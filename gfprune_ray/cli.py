@@ -90,12 +90,15 @@ def prune(
     shots: int = typer.Option(5, help="llm-surgeon: shots to reach the budget, each with curvature collected again on the partly pruned model."),
     steps: int = typer.Option(STEPS_CPU, help=STEPS_HELP),
     checkpoint_every: int = typer.Option(CHECKPOINT_EVERY, help=CHECKPOINT_HELP),
+    dtype: str | None = typer.Option(None, help="Load the model in float32, bfloat16 or float16 and save it so (not for cofi, flop); statistics still add up in float64.",
+                                     show_default="the checkpoint's dtype"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ) -> None:
     """Prune MODEL to a MACs budget with unlabeled text, save it to OUT and report its quality and speed."""
     from .single import PruneOptions, prune_model
 
-    opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shots, steps, checkpoint_every)
+    opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shots, steps,
+                        checkpoint_every, dtype)
     report = _run(lambda: prune_model(model, data, opts, out, stats, force, _names(eval_data)))
     _print_report(f"{model} @ budget {budget} ({method}, {reconstruct}; calibrated on {report['calibration_corpus']})", report["metrics"], report["timings"])
     typer.echo(f"saved to {out} (load with gfprune_ray.load_pruned({str(out)!r}))")

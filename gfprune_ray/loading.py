@@ -76,20 +76,29 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return prepare_tokenizer(tokenizer)
 
 
-def load_model(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
-    """(model, tokenizer) in eval mode. The class named in the config is kept, task heads included;
-    models pruned by gfprune-ray load through `load_pruned`."""
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(source: str, trust_remote_code: bool = False, dtype: str | None = None) -> tuple[nn.Module, object]:
+    """(model, tokenizer) in eval mode, in `dtype` (one of DTYPES) or else the checkpoint's own
+    dtype. The class named in the config is kept, task heads included; models pruned by
+    gfprune-ray load through `load_pruned`."""
+    import torch
+
     from .surgery import SIZES_KEY, load_pruned
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
 
     where = resolve_model(source)
     try:
         with _quiet_local_load(Path(where).is_dir()):
             config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
             if getattr(config, SIZES_KEY, None) is not None:
-                model = load_pruned(where)
+                model = load_pruned(where, torch_dtype)
             else:
                 # safetensors only: a pytorch_model.bin is a pickle, and we never load untrusted pickles
-                model = _model_class(config).from_pretrained(where, trust_remote_code=trust_remote_code, use_safetensors=True)
+                model = _model_class(config).from_pretrained(where, trust_remote_code=trust_remote_code, use_safetensors=True,
+                                                             dtype=torch_dtype or "auto")
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as exc:  # a damaged weights file raises the last
         raise UserError(f"cannot load model {source}: {first_line(exc)}") from None

@@ -25,7 +25,7 @@ from .data import (Examples, batches_fingerprint, evaluation_sources, mean_token
 from .errors import UserError, first_line
 from .evaluate import CorpusReferences, efficiency
 from .flops import check_budget
-from .loading import load_model
+from .loading import DTYPES, load_model
 from .methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
 from .methods.surgeon import SHOTS
 from .methods.trained import CHECKPOINT_EVERY, STEPS_CPU
@@ -54,6 +54,7 @@ class PruneOptions:
     shots: int = SHOTS  # llm-surgeon only
     steps: int = STEPS_CPU  # cofi and flop only: training steps
     checkpoint_every: int = CHECKPOINT_EVERY  # cofi and flop only: steps between checkpoints
+    dtype: str | None = None  # the model's dtype; None: the checkpoint's own
 
     def validate(self) -> PruneOptions:
         try:
@@ -70,6 +71,10 @@ class PruneOptions:
         for name in ("samples", "eval_samples", "seq_len", "batch_size", "shots", "steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
+        if self.dtype is not None and self.method in TRAINED_METHODS:
+            raise UserError(f"--dtype does not apply to {self.method}: it trains in the checkpoint's dtype")
         if self.latency_repeats < 0:
             raise UserError(f"latency-repeats must be 0 (no latency) or more, got {self.latency_repeats}")
         return self
@@ -248,7 +253,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
     with staged_output(out, force) as staging:
         examples = read_examples(data)  # bad data fails here, before a model is loaded
         sources, others = read_other_corpora(data, eval_data)
-        model, tokenizer = load_model(source)
+        model, tokenizer = load_model(source, dtype=opts.dtype)
         adapter = supported_adapter(model, source)
         check_seq_len(adapter, opts.seq_len)
         calib_batches, eval_batches, labels = prepare_batches(tokenizer, examples, opts, data)
@@ -320,7 +325,7 @@ def evaluate_saved(path: Path, overrides: dict, dense_source: str | None = None)
         raise UserError(f"{path / RECORD_FILE} names no dense model: pass --dense")
     examples = read_examples(data)
     sources, others = read_other_corpora(data, eval_data)
-    dense_model, tokenizer = load_model(dense_source)
+    dense_model, tokenizer = load_model(dense_source, dtype=opts.dtype)
     dense = supported_adapter(dense_model, dense_source)
     try:
         pruned = load_pruned(path)

@@ -162,8 +162,8 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module
             adapter_for(model).cut_hidden(torch.arange(hidden))
         refactorize(model, getattr(config, FACTORIZED_KEY, None) or {})
     dtype = dtype or _saved_dtype(config)
-    if dtype is not None:
-        model = model.to(dtype)  # the buffers; parameters take the weights' dtype below
+    # buffers the constructor computed stay as built (rotary frequencies are float32 in a
+    # bfloat16 model, as from_pretrained keeps them); parameters take `dtype` with the weights
     state = _state_dict(path)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

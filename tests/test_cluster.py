@@ -183,6 +183,15 @@ def test_rayjob_mounts_the_campaign_and_its_data(rayjob_docs):
     for key in ("out", "cache_dir"):
         assert campaign[key].startswith(data_dirs[0] + "/"), f"{key} would not outlive the job"
 
+    # the task that cuts a model writes it under out on whichever node it runs: every worker
+    # mounts the same volume at the same place, so it must be shareable
+    assert "ReadWriteMany" in rayjob_docs["PersistentVolumeClaim"]["spec"]["accessModes"]
+    for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod.get("volumes", [])}
+        worker_mounts = {m["mountPath"]: claims.get(m["name"]) for m in pod["containers"][0].get("volumeMounts", [])}
+        assert worker_mounts.get(data_dirs[0]) == claim, f"worker group {group['groupName']} does not see {data_dirs[0]}"
+
 
 def test_rayjob_campaign_matches_the_example_files(rayjob_docs):
     data = rayjob_docs["ConfigMap"]["data"]

@@ -46,7 +46,8 @@ def _read_files(files: list[Path]) -> ray.data.Dataset:
     parts = []
     for kind, paths in by_kind.items():
         if paths:
-            ds = readers[kind]([str(p) for p in paths])
+            # absolute: the reading tasks run in other folders, on a cluster on other machines
+            ds = readers[kind]([str(p.absolute()) for p in paths])
             if "text" not in ds.columns():
                 raise UserError(f"{paths[0]}: records have no 'text' field (found: {', '.join(ds.columns())})")
             parts.append(ds.select_columns([c for c in ("text", "label") if c in ds.columns()]))

@@ -45,6 +45,10 @@ from ..stats import weights_fingerprint
 from ..surgery import apply_pruning, save_pruned
 from .ray_data import iter_torch_batches, shard
 
+# Per-site algebra (scores, least-squares refits, LLM Surgeon's costs and updates) is the farm's
+# CPU-heavy fan-out: spread it over the nodes. Left to Ray's default, a burst of short tasks
+# queues on the node that submits it while another node's cores stay idle.
+PER_SITE = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
 LOCAL_OBJECT_STORE = 1536 * 1024**2  # the default would reserve ~30% of RAM for the object store
 RETRIES = 2
 CONNECT_TIMEOUT_S = 5.0
@@ -86,7 +90,9 @@ def connect(address: str | None = None) -> None:
             raise UserError(f"cannot connect to the Ray cluster at {address}: {first_line(exc)}") from None
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private in-process cluster needs no token
-        ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **common)
+        # "local": a fresh embedded cluster even when `ray start` runs one on this machine (ray.init
+        # would attach to that one, and refuse the object store size)
+        ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **common)
     quiet_ray_data()
 
 
@@ -259,7 +265,8 @@ def start_collectors(source: str, workers: int, long_lived: bool = False) -> lis
     """`workers` actors holding the model. Ray ends each once its handle is dropped and its
     calls have finished."""
     resources, threads = collector_resources(workers, long_lived)
-    return [Collector.options(**resources).remote(source, threads) for _ in range(workers)]
+    # SPREAD: each actor holds a whole model, so they go to different nodes where they can
+    return [Collector.options(**resources, scheduling_strategy="SPREAD").remote(source, threads) for _ in range(workers)]
 
 
 def shard_batches(shards: list, batch_size: int) -> int:
@@ -285,7 +292,7 @@ def submit_collection(source: str, data, sites: list[Site], workers: int, batch_
 # ---- score, search, reconstruct ------------------------------------------------------------
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(**PER_SITE)
 def score_site(method: str, weights: UnitWeights, pair: Timed, seed: int, site: Site) -> Timed:
     set_threads(1)
     start = time.perf_counter()
@@ -301,7 +308,7 @@ def search(allocation: str, budget: float, seq_len: float, geometries: list[Bloc
     return Timed(masks, time.perf_counter() - start)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(**PER_SITE)
 def reconstruct_site(mode: str, masks: Timed, site: Site, weights: UnitWeights, pair: Timed) -> Timed:
     """New weights for one site, or None where the masks keep every unit of it."""
     set_threads(1)
@@ -371,4 +378,4 @@ def measure_and_save(spec: EvalSpec, ref: CorpusReferences, dense, pruned, token
         record = spec.record | {"metrics": metrics, "sizes": pruned.sizes(), "masks": masks_json}
         with staged_output(Path(spec.folder), force=True) as staging:
             save_pruned(pruned.model, staging, tokenizer, record)
-    return {"metrics": metrics, "masks": masks_json, "sizes": pruned.sizes(), "folder": spec.folder}
+    return {"metrics": metrics, "masks": masks_json, "sizes": pruned.sizes(), "folder": spec.folder, "host": socket.gethostname()}

@@ -28,10 +28,10 @@ from ..methods import surgeon
 from ..methods.surgeon import SurgeonState
 from ..models import BlockGeometry, UnitWeights
 from ..search import Site
-from .stages import Timed, reduce_tree, ref_list, set_threads, shard_batches
+from .stages import PER_SITE, Timed, reduce_tree, ref_list, set_threads, shard_batches
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(**PER_SITE)
 def site_costs(weights: UnitWeights, state: SurgeonState, curvature: Timed, site: Site) -> Timed:
     set_threads(1)
     start = time.perf_counter()
@@ -48,7 +48,7 @@ def shot_search(state: SurgeonState, geometries: list[BlockGeometry], target: fl
     return Timed(surgeon.shot_masks(scores, state, geometries, target, seq_len), time.perf_counter() - start)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(**PER_SITE)
 def site_update(weights: UnitWeights, state: SurgeonState, masks: Timed, curvature: Timed, site: Site) -> Timed:
     """The joint correlated update of one site, or None where the shot removes nothing there."""
     set_threads(1)

@@ -287,14 +287,16 @@ class Sweep:
         try:
             result = ray.get(ref)
         except ray.exceptions.RayError as exc:
-            error = _error_text(exc)
-            run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, {}, tags, work.started_ms)
-            self.tracker.end(run_id, ok=False, error=error, details=str(exc))
-            self.failures.append(f"{unit.label}: {error}")
+            self._record_failure(unit, work, params, tags, _error_text(exc), str(exc))
+            return
+        folder = Path(result["folder"]) if result["folder"] else None  # written there by the unit's task
+        if folder is not None and not folder.is_dir():
+            error = (f"its pruned model was saved to {folder} on {result['host']}, which this driver does not see: "
+                     "on a cluster, --out must be storage every node shares")
+            self._record_failure(unit, work, params, tags, error, error)
             return
         params["quality_metric"] = result["metrics"].get("quality_metric", "")
         metrics = result["metrics"] | self._model_metrics(work, unit.method) | result["timings"]
-        folder = Path(result["folder"]) if result["folder"] else None  # written there by the unit's task
         run_id = self.tracker.unit_run(c.key, work.run_id, unit, params, metrics, tags, work.started_ms)
         self.tracker.log_datasets(run_id, self.datasets)
         self.tracker.log_json(run_id, result["masks"], "masks.json")
@@ -308,6 +310,11 @@ class Sweep:
         self.tracker.end(run_id)
         if unit.method in TRAINED_METHODS:  # recorded: its training checkpoints are done with
             shutil.rmtree(self._train_storage() / unit.key, ignore_errors=True)
+
+    def _record_failure(self, unit: Unit, work: ModelWork, params: dict, tags: dict, error: str, details: str) -> None:
+        run_id = self.tracker.unit_run(self.c.key, work.run_id, unit, params, {}, tags, work.started_ms)
+        self.tracker.end(run_id, ok=False, error=error, details=details)
+        self.failures.append(f"{unit.label}: {error}")
 
     def _finish_remeasure(self, unit: Unit, ref) -> None:
         """A finished unit run again for corpora its run lacks: their metrics join its run (the
