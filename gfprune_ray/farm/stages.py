@@ -13,8 +13,9 @@
 
 Arguments are object refs wherever a stage consumes another's output, so statistics and weights
 move between workers through the object store, not through the driver; pruned models go from the
-task that builds them straight to disk, and only their folder's path reaches the driver. Every stage returns a
-`Timed` value so the driver can record how long each piece of work took where it ran.
+task that builds them straight to disk, and only their folder's path reaches the driver. Every
+stage returns a `Timed` value so the driver can record how long each piece of work took where it
+ran.
 """
 
 from __future__ import annotations
