@@ -113,7 +113,7 @@ def scaling(a, work: Path) -> dict:
     out = {}
     for workers in (1, a.workers, 1, a.workers):  # each twice; the first pass warms the worker pool
         start = time.perf_counter()
-        sites, _ = farm.submit_collection(MINILM, calib, info.sites, workers, 32)
+        sites, _ = farm.submit_collection(MINILM, calib, [info.sites], workers, 32)
         ray.get(list(sites.values()))
         out.setdefault(workers, []).append(time.perf_counter() - start)
     ray.shutdown()

@@ -37,6 +37,9 @@ CHECKPOINT_EVERY = 50  # = methods.trained.CHECKPOINT_EVERY
 CHECKPOINT_HELP = "cofi, flop: training steps between checkpoints; a killed run resumes from the last one when the same command runs again."
 LATENCY_HELP = ("Timed forward passes of each model per latency measurement, taking turns (the median is reported, with the "
                 "spread of the speedup from 3 on); 0 skips latency.")
+STATS_MEMORY_HELP = ("Most statistics (float64 Grams) one process holds in a collection pass, e.g. 6GB: a model whose statistics "
+                     "exceed it is collected a group of layers per pass, each layer's written to disk as its pass ends (a 7B "
+                     "model's are about 2.5 GB per layer).")
 MODEL_HELP = "Local model folder, hub id, a llama.cpp .gguf file, or a packaged model: pkg:all-minilm-l6-v2, pkg:all-mpnet-base-v2, pkg:smollm2-135m."
 
 
@@ -85,7 +88,8 @@ def prune(
     seq_len: int = typer.Option(128, help="Tokens per example (longer ones are truncated)."),
     batch_size: int = typer.Option(32, help="Sequences per forward pass."),
     seed: int = typer.Option(0, help="Seed of the data split, of the targets the statistics sample from the model (no labels) and of the random method."),
-    stats: Path | None = typer.Option(None, help="Statistics file: reused when it exists (refused if it belongs to another model or data), written otherwise."),
+    stats: Path | None = typer.Option(None, help="Statistics folder: reused when it exists (refused if it belongs to another model or data), written otherwise."),
+    stats_memory: str | None = typer.Option(None, help=STATS_MEMORY_HELP, show_default="an eighth of this machine's RAM"),
     latency_repeats: int = typer.Option(5, help=LATENCY_HELP),
     shots: int = typer.Option(5, help="llm-surgeon: shots to reach the budget, each with curvature collected again on the partly pruned model."),
     steps: int = typer.Option(STEPS_CPU, help=STEPS_HELP),
@@ -96,9 +100,11 @@ def prune(
 ) -> None:
     """Prune MODEL to a MACs budget with unlabeled text, save it to OUT and report its quality and speed."""
     from .single import PruneOptions, prune_model
+    from .stats import parse_memory
 
+    memory = None if stats_memory is None else _run(lambda: parse_memory(stats_memory))
     opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shots, steps,
-                        checkpoint_every, dtype)
+                        checkpoint_every, dtype, memory)
     report = _run(lambda: prune_model(model, data, opts, out, stats, force, _names(eval_data)))
     _print_report(f"{model} @ budget {budget} ({method}, {reconstruct}; calibrated on {report['calibration_corpus']})", report["metrics"], report["timings"])
     typer.echo(f"saved to {out} (load with gfprune_ray.load_pruned({str(out)!r}))")
@@ -169,6 +175,8 @@ def sweep(
     shots: int | None = typer.Option(None, help="llm-surgeon: shots per budget, each a farm round on the partly pruned model.", show_default="5"),
     steps: int | None = typer.Option(None, help=STEPS_HELP, show_default=str(STEPS_CPU)),
     checkpoint_every: int | None = typer.Option(None, help=CHECKPOINT_HELP, show_default=str(CHECKPOINT_EVERY)),
+    stats_memory: str | None = typer.Option(None, help=STATS_MEMORY_HELP + " Per collection actor.",
+                                            show_default="an eighth of the smallest node's memory, shared by its actors"),
 ) -> None:
     """Prune many models at many MACs budgets on Ray; record every result in MLflow.
 
@@ -184,7 +192,7 @@ def sweep(
         "reconstruction": reconstruct, "allocation": allocation, "workers": workers, "out": out, "experiment": experiment,
         "address": address, "tracking_uri": tracking_uri, "save_models": save_models, "register_model": register, "cache_dir": cache_dir,
         "latency_repeats": latency_repeats, "shots": shots, "steps": steps,
-        "checkpoint_every": checkpoint_every,
+        "checkpoint_every": checkpoint_every, "stats_memory": stats_memory,
     }
     campaign = _run(lambda: load_campaign(config, models, **options))
     result = _run(lambda: run_sweep(campaign))

@@ -28,10 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import Adapter, Kind
-from .stats import BatchRouting, GramStats, ModelStats, empty_stats, record_inputs
-
-Site = tuple[int, Kind]
+from .models import Adapter
+from .stats import BatchRouting, GramStats, ModelStats, Site, empty_stats, record_inputs
 
 
 @dataclass
@@ -123,12 +121,15 @@ def collect_curvature(
     batches: Iterable[dict[str, torch.Tensor]],
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    sites: Iterable[Site] | None = None,
 ) -> Curvature:
-    """A (fit / held-out by the rows' `heldout` flag) and G of every site over `batches`.
+    """A (fit / held-out by the rows' `heldout` flag) and G of `sites` (default: every site) over
+    `batches`. A group of sites gets exactly the values a pass over every site gives them: each
+    accumulator sees the same products in the same order.
 
     Parameters get no gradients: the input embeddings are made to require one instead, so the
     backward pass computes gradients of activations only."""
-    fit, heldout = empty_stats(adapter), empty_stats(adapter)
+    fit, heldout = empty_stats(adapter, sites), empty_stats(adapter, sites)
     grads = ModelStats({site: GramStats.zeros(adapter.hidden_size) for site in fit.sites})
     routing = BatchRouting()
     model = adapter.model

@@ -112,3 +112,18 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
     except OSError as exc:
         discard()
         raise UserError(f"cannot put the result in place at {out}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def scratch_folder(base: Path, name: str) -> Iterator[Path]:
+    """A private working folder `base/.NAME.partial-PID@HOST`, removed when the block ends; one a
+    killed process left on this host is removed the next time one is made."""
+    base.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(base / name)
+    folder = base / f".{name}{PARTIAL}{os.getpid()}@{socket.gethostname()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

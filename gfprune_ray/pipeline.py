@@ -22,7 +22,7 @@ from .methods import surgeon
 from .models import Adapter, adapter_for
 from .reconstruct import MODES, Reconstruction, reconstruct
 from .search import SEARCHES, Masks, Site
-from .stats import ModelStats
+from .stats import ModelStats, SiteSums
 from .surgery import apply_pruning
 
 
@@ -38,7 +38,8 @@ class Calibration:
 
     @property
     def total(self) -> ModelStats:
-        return self.fit + self.heldout
+        """fit + held-out, added site by site as each is used."""
+        return ModelStats(SiteSums(self.fit.sites, self.heldout.sites), self.fit.fingerprint, self.fit.meta)
 
 
 def heldout_rows(total: int) -> torch.Tensor:

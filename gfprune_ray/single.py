@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,12 +31,15 @@ from .methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
 from .methods.surgeon import SHOTS
 from .methods.trained import CHECKPOINT_EVERY, STEPS_CPU
 from .models import adapter_for
-from .outputs import check_writable_folder, staged_output
-from .pipeline import Calibration, calibrate, plan, plan_llm_surgeon
+from .curvature import collect_curvature
+from .outputs import check_writable_folder, scratch_folder, staged_output
+from .packaged import cache_root
+from .pipeline import Calibration, calibrate, mark_heldout, plan, plan_llm_surgeon
 from .progress import bar
 from .reconstruct import MODES
 from .search import SEARCHES
-from .stats import GRADS_PART, load_stats, save_stats, stats_fingerprint, weights_fingerprint
+from .stats import GRADS_PART, STATS_MEMORY_SHARE, model_sites, physical_memory, plan_groups, stats_fingerprint, weights_fingerprint
+from .stats_store import finish, load_stats, save_stats, write_site
 from .surgery import RECORD_FILE, apply_pruning, load_pruned, save_pruned
 
 
@@ -55,6 +59,7 @@ class PruneOptions:
     steps: int = STEPS_CPU  # cofi and flop only: training steps
     checkpoint_every: int = CHECKPOINT_EVERY  # cofi and flop only: steps between checkpoints
     dtype: str | None = None  # the model's dtype; None: the checkpoint's own
+    stats_memory: int | None = None  # bytes of statistics collected in one pass; None: an eighth of RAM
 
     def validate(self) -> PruneOptions:
         try:
@@ -116,20 +121,52 @@ def corpus_record(sources: dict[str, str]) -> dict:
     return {"eval_data": list(sources.values())[1:], "calibration_corpus": next(iter(sources)), "corpora": sources}
 
 
-def obtain_statistics(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | None) -> tuple[Calibration, str, bool]:
-    """Load statistics from `stats_path` when it exists (refusing a foreign file), else collect
-    them (and save them there). Returns (calibration, fingerprint, reused)."""
+def obtain_statistics(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | None, scratch: ExitStack) -> tuple[Calibration, str, bool]:
+    """Load statistics from `stats_path` when it exists (refusing a foreign folder), else collect
+    them (and save them there). Returns (calibration, fingerprint, reused).
+
+    When the whole model's statistics exceed `opts.stats_memory`, they are collected a group of
+    sites per pass and each site is written to disk as its pass ends (to `stats_path`, or to a
+    scratch folder that `scratch` removes); the calibration then reads one site at a time."""
     fingerprint = stats_fingerprint(weights_fingerprint(adapter.model), batches_fingerprint(batches), opts.seq_len, opts.samples, opts.seed)
     seq_len = mean_tokens_per_sequence(batches)
     if stats_path is not None and Path(stats_path).exists():
         parts = load_stats(stats_path, fingerprint, adapter)
         return Calibration(parts["fit"], parts["heldout"], seq_len, parts[GRADS_PART]), fingerprint, True
-    with bar("collect", len(batches)) as step:
-        calibration = calibrate(adapter, batches, seq_len, on_batch=step, seed=opts.seed)
-    calibration.fit.fingerprint = calibration.heldout.fingerprint = calibration.grads.fingerprint = fingerprint
-    if stats_path is not None:
-        save_stats({"fit": calibration.fit, "heldout": calibration.heldout, GRADS_PART: calibration.grads}, stats_path)
-    return calibration, fingerprint, False
+    geoms = adapter.geometries()
+    groups = plan_groups(model_sites(geoms), geoms, opts.stats_memory or physical_memory() // STATS_MEMORY_SHARE)
+    if len(groups) == 1:
+        with bar("collect", len(batches)) as step:
+            calibration = calibrate(adapter, batches, seq_len, on_batch=step, seed=opts.seed)
+        calibration.fit.fingerprint = calibration.heldout.fingerprint = calibration.grads.fingerprint = fingerprint
+        if stats_path is not None:
+            with staged_output(Path(stats_path)) as staging:
+                save_stats({"fit": calibration.fit, "heldout": calibration.heldout, GRADS_PART: calibration.grads}, staging)
+        return calibration, fingerprint, False
+    if stats_path is None:
+        folder = scratch.enter_context(scratch_folder(cache_root() / "scratch", "stats"))
+        collect_in_passes(adapter, batches, groups, folder, fingerprint, opts.seed)
+    else:
+        folder = Path(stats_path)
+        with staged_output(folder) as staging:
+            collect_in_passes(adapter, batches, groups, staging, fingerprint, opts.seed)
+    parts = load_stats(folder, fingerprint)
+    return Calibration(parts["fit"], parts["heldout"], seq_len, parts[GRADS_PART]), fingerprint, False
+
+
+def collect_in_passes(adapter, batches: list[dict], groups: list[list], folder: Path, fingerprint: str, seed: int) -> None:
+    """One forward and backward pass over `batches` per group of sites; each group's sites go to
+    `folder` before the next pass, so only one group's statistics are ever in memory."""
+    marked = mark_heldout(batches)
+    tokens: dict[str, int] = {}
+    with bar(f"collect ({len(groups)} passes)", len(batches) * len(groups)) as step:
+        for group in groups:
+            curvature = collect_curvature(adapter, marked, seed, step, sites=group)
+            for site in group:
+                write_site(folder, site, {"fit": curvature.fit[site], "heldout": curvature.heldout[site], GRADS_PART: curvature.grads[site]}, fingerprint)
+            tokens = {"fit": curvature.fit.tokens, "heldout": curvature.heldout.tokens, GRADS_PART: curvature.grads.tokens}
+            del curvature
+    finish(folder, fingerprint, [s for g in groups for s in g], tokens)
 
 
 LATENCY_SEQ_LEN = 128
@@ -177,10 +214,11 @@ def _plan(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | N
             result = plan_llm_surgeon(adapter, batches, opts.budget, seq_len, opts.shots, opts.seed, on_batch=step)
         timings.update(result.timings)
         return result, _uncached_record(batches, seq_len)
-    start = time.perf_counter()
-    calibration, fingerprint, reused = obtain_statistics(adapter, batches, opts, stats_path)
-    timings["collect_s"] = time.perf_counter() - start
-    result = plan(adapter, calibration, opts.budget, opts.method, opts.reconstruction, opts.allocation, opts.seed)
+    with ExitStack() as scratch:  # a scratch statistics folder lives until the plan is made
+        start = time.perf_counter()
+        calibration, fingerprint, reused = obtain_statistics(adapter, batches, opts, stats_path, scratch)
+        timings["collect_s"] = time.perf_counter() - start
+        result = plan(adapter, calibration, opts.budget, opts.method, opts.reconstruction, opts.allocation, opts.seed)
     timings.update(result.timings)
     record = {"stats_fingerprint": fingerprint, "stats_reused": reused, "calibration_tokens": calibration.total.tokens, "mean_seq_len": calibration.seq_len}
     return result, record

@@ -7,27 +7,30 @@ shards add up to the statistics of their union; that is what lets the farm reduc
 
 Each batch's x^T x is computed in float32 (fast BLAS) and added to a float64 accumulator, so
 rounding does not grow with the number of batches.
+
+A 7B-class model's statistics outgrow a node's memory (Llama-2-7B: about 2.5 GB per layer in
+float64), so collection can be restricted to a group of sites and run in several passes
+(`plan_groups`); each site's statistics are then streamed to disk (`stats_store.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .errors import UserError, first_line
-from .models import KINDS, Adapter, Kind
+from .errors import UserError
+from .models import KINDS, Adapter, BlockGeometry, Kind
 
 GRADS_PART = "grads"
-# 2: held-out statistics are every 5th example; 3: a `grads` part (output curvature); 4: a checksum
-FORMAT_VERSION = 4
+# 2: held-out statistics are every 5th example; 3: a `grads` part (output curvature); 4: a checksum;
+# 5: a folder with one file per site (stats_store.py)
+FORMAT_VERSION = 5
+Site = tuple[int, Kind]
 
 
 @dataclass
@@ -47,7 +50,9 @@ class GramStats:
         """Accumulate a (tokens x width) block of inputs."""
         x32 = x.detach().to(torch.float32)
         self.n += x32.shape[0]
-        self.gram += (x32.T @ x32).to(self.gram.device, torch.float64)  # accumulators stay on the CPU
+        # accumulators stay on the CPU; the in-place add converts as it goes, so no float64 copy
+        # of the product is made (for an 11008-wide FFN that copy alone is 1 GB)
+        self.gram.add_((x32.T @ x32).to(self.gram.device))
         self.total += x32.sum(0, dtype=torch.float64).to(self.total.device)
 
     def __add__(self, other: GramStats) -> GramStats:
@@ -66,7 +71,7 @@ class GramStats:
 class ModelStats:
     """Statistics of every site of a model, keyed by (layer, kind), plus their fingerprint."""
 
-    sites: dict[tuple[int, Kind], GramStats]
+    sites: Mapping[Site, GramStats]  # a dict, or sites read from disk one at a time (stats_store)
     fingerprint: str = ""
     meta: dict = field(default_factory=dict)
 
@@ -82,17 +87,98 @@ class ModelStats:
 
     @property
     def tokens(self) -> int:
+        known = getattr(self.sites, "tokens", None)  # stored sites know it without reading a Gram
+        if known is not None:
+            return known
         first = next(iter(self.sites.values()), None)
         return 0 if first is None else int(first.n)
 
 
-def empty_stats(adapter: Adapter) -> ModelStats:
-    sites = {}
-    for i, geom in enumerate(adapter.geometries()):
-        for kind in KINDS:
-            if geom.count(kind):
-                sites[(i, kind)] = GramStats.zeros(geom.count(kind) * geom.width(kind))
-    return ModelStats(sites)
+class SiteSums(Mapping):
+    """Two statistics' sites added on access (e.g. fit + held-out), so that a model's total never
+    exists in memory at once. Sites read from disk are fresh tensors and are added in place."""
+
+    def __init__(self, a: Mapping[Site, GramStats], b: Mapping[Site, GramStats]):
+        self.a, self.b = a, b
+        known = (getattr(a, "tokens", None), getattr(b, "tokens", None))
+        self.tokens = None if None in known else sum(known)
+
+    def __getitem__(self, site: Site) -> GramStats:
+        a, b = self.a[site], self.b[site]
+        if not getattr(self.a, "fresh", False):
+            return a + b
+        a.n += b.n
+        a.gram += b.gram
+        a.total += b.total
+        return a
+
+    def __iter__(self):
+        return iter(self.a)
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+
+def model_sites(geometries: list[BlockGeometry]) -> list[Site]:
+    """Every (layer, kind) that has units, in model order."""
+    return [(i, kind) for i, geom in enumerate(geometries) for kind in KINDS if geom.count(kind)]
+
+
+def empty_stats(adapter: Adapter, sites: Iterable[Site] | None = None) -> ModelStats:
+    """Zero statistics of `sites` (default: every site of the model)."""
+    geoms = adapter.geometries()
+    keys = model_sites(geoms) if sites is None else list(sites)
+    return ModelStats({(i, kind): GramStats.zeros(geoms[i].count(kind) * geoms[i].width(kind)) for i, kind in keys})
+
+
+# ---- memory-bounded collection ------------------------------------------------------------
+
+
+def site_stats_bytes(geom: BlockGeometry, kind: Kind) -> int:
+    """Bytes of one site's statistics as collected: fit and held-out Grams of its inputs and the
+    Gram of the output curvature (as wide as the residual stream), all float64."""
+    width = geom.count(kind) * geom.width(kind)
+    return 8 * (2 * (width * width + width + 1) + geom.d * geom.d + geom.d + 1)
+
+
+def plan_groups(sites: list[Site], geometries: list[BlockGeometry], memory: int | None) -> list[list[Site]]:
+    """Consecutive groups of sites whose statistics fit in `memory` bytes together, one collection
+    pass each (None: one pass). A site larger than the budget is a group of its own."""
+    groups: list[list[Site]] = []
+    used = 0
+    for site in sites:
+        size = site_stats_bytes(geometries[site[0]], site[1])
+        if not groups or (memory is not None and used + size > memory):
+            groups.append([])
+            used = 0
+        groups[-1].append(site)
+        used += size
+    return groups
+
+
+def physical_memory() -> int:
+    """This machine's RAM in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# The default share of a machine's memory that one process's statistics may take: the model, the
+# per-batch products and the farm's object store need the rest.
+STATS_MEMORY_SHARE = 8
+
+
+def parse_memory(text: str) -> int:
+    """'6GB', '512MB', '2.5GiB' or a number of bytes -> bytes; a one-line error otherwise."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    raw = text.strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise UserError(f"--stats-memory: {text!r} is not a size (e.g. 6GB, 512MB)") from None
+    if value < 1:
+        raise UserError(f"--stats-memory: {text!r} must be positive")
+    return int(value)
 
 
 class BatchRouting:
@@ -196,105 +282,3 @@ def stats_fingerprint(model_fp: str, data_fp: str, seq_len: int, samples: int, s
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-# ---- safetensors I/O -------------------------------------------------------------------------
-
-
-class DamagedStats(UserError):
-    """A statistics file that cannot be read back as it was written: truncated, or its tensor data
-    changed since (the checksum written with it does not match)."""
-
-
-def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order. safetensors checks
-    only the header, so damaged data would otherwise load as plausible numbers."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself: no copy
-    return digest.hexdigest()
-
-
-def save_stats(parts: dict[str, ModelStats], path: str | Path) -> None:
-    """Save named parts (e.g. fit and heldout) of one model's statistics to one safetensors file."""
-    tensors: dict[str, torch.Tensor] = {}
-    fingerprints = {p.fingerprint for p in parts.values()}
-    if len(fingerprints) != 1:
-        raise ValueError("all parts of a statistics file must share one fingerprint")
-    for part, stats in parts.items():
-        for (layer, kind), s in stats.sites.items():
-            prefix = f"{part}/{layer}/{kind}"
-            tensors[f"{prefix}/n"] = s.n.reshape(1)
-            tensors[f"{prefix}/gram"] = s.gram.contiguous()
-            tensors[f"{prefix}/total"] = s.total.contiguous()
-    meta = {"fingerprint": fingerprints.pop(), "format": str(FORMAT_VERSION), "checksum": tensors_checksum(tensors)}
-    meta.update({f"meta/{k}": json.dumps(v) for k, v in next(iter(parts.values())).meta.items()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)  # never leave a half-written file under the real name
-
-
-def load_stats(path: str | Path, fingerprint: str | None, adapter: Adapter | None = None) -> dict[str, ModelStats]:
-    """Load a statistics file, refusing it when it is damaged, or when its fingerprint or its
-    shapes do not match."""
-    path = Path(path)
-    meta, tensors = _read_checked(path)
-    found = meta.get("fingerprint")
-    if fingerprint is not None and found != fingerprint:
-        raise UserError(f"{path}: statistics fingerprint {found} does not match this model and data ({fingerprint})")
-    parts: dict[str, dict] = {}
-    for key, tensor in tensors.items():
-        fields = key.split("/")
-        if len(fields) != 4 or not fields[1].isdigit():
-            raise UserError(f"{path}: not a gfprune-ray statistics file (unexpected tensor {key!r})")
-        part, layer, kind, name = fields
-        parts.setdefault(part, {}).setdefault((int(layer), kind), {})[name] = tensor
-    extra = {k.removeprefix("meta/"): json.loads(v) for k, v in meta.items() if k.startswith("meta/")}
-    loaded = {
-        part: ModelStats(
-            {key: GramStats(d["n"].reshape(()), d["gram"], d["total"]) for key, d in sites.items()}, found, extra
-        )
-        for part, sites in parts.items()
-    }
-    if adapter is not None:
-        expected = {k: tuple(v.total.shape) for k, v in empty_stats(adapter).sites.items()}
-        for part, stats in loaded.items():
-            # the output curvature of every site is as wide as the residual stream
-            want = {k: (adapter.hidden_size,) for k in expected} if part == GRADS_PART else expected
-            if {k: tuple(v.total.shape) for k, v in stats.sites.items()} != want:
-                raise UserError(f"{path}: statistics shapes do not match the model's layers")
-    return loaded
-
-
-def _read_checked(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a statistics file whose format and checksum are right."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != str(FORMAT_VERSION):
-                raise UserError(f"{path}: not a gfprune-ray statistics file of format {FORMAT_VERSION} (found {meta.get('format')!r})")
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except UserError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types, on open and on a short read
-        raise DamagedStats(f"{path}: not a readable statistics file ({first_line(exc)})") from None
-    if tensors_checksum(tensors) != meta.get("checksum"):
-        raise DamagedStats(f"{path}: statistics file is damaged (its data does not match the checksum written with it)")
-    return meta, tensors
-
-
-
-def load_cached_stats(path: Path, fingerprint: str, warn: Callable[[str], None]) -> dict[str, ModelStats] | None:
-    """A cache entry, or None when there is none. A damaged entry is moved aside (kept for a
-    post-mortem, never read again) so that the caller collects the statistics afresh."""
-    if not path.exists():
-        return None
-    try:
-        return load_stats(path, fingerprint)
-    except DamagedStats as exc:
-        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-        path.replace(aside)
-        warn(f"{exc}; moved to {aside.name}, collecting the statistics again")
-        return None

@@ -42,7 +42,7 @@ def ws(tmp_path_factory):
     ns.model_b = save_tiny(root / "model_b", "bert", 1, tokenizer)
     ns.data = root / "data.txt"
     ns.data.write_text("\n".join(sentences(40)) + "\n")
-    ns.stats = root / "stats_a.safetensors"
+    ns.stats = root / "stats_a"
     ns.out = root / "pruned"
     ns.prune = run_cli("prune", ns.model_a, "--out", ns.out, "--data", ns.data, "--budget", "0.6", "--stats", ns.stats, *SMALL)
     return ns
@@ -67,7 +67,7 @@ def test_prune_writes_a_complete_output_folder(ws):
     for name in ("model.safetensors", "config.json", "gfprune.json", "tokenizer_config.json", "tokenizer.json"):
         assert (out / name).is_file(), f"{name} missing from {sorted(p.name for p in out.iterdir())}"
     assert not [p.name for p in ws.root.iterdir() if ".partial" in p.name]
-    assert ws.stats.is_file()
+    assert (ws.stats / "manifest.json").is_file()
 
     config = json.loads((out / "config.json").read_text())
     sizes = config["gfprune_sizes"]
@@ -226,7 +226,8 @@ BAD = {
     "unknown-reconstruction": (lambda ws, t: ["--reconstruct", "guess"], None, lambda ws, t: ["reconstruction", "guess"]),
     "foreign-stats": (lambda ws, t: ["--stats", ws.stats], lambda ws, t: ws.model_b, lambda ws, t: [ws.stats.name, "fingerprint"]),
     "surgeon-shots-0": (lambda ws, t: ["--method", "llm-surgeon", "--shots", "0"], None, lambda ws, t: ["shots", "0"]),
-    "surgeon-with-stats": (lambda ws, t: ["--method", "llm-surgeon", "--stats", t / "s.safetensors"], None, lambda ws, t: ["--stats", "llm-surgeon"]),
+    "stats-memory-not-a-size": (lambda ws, t: ["--stats-memory", "lots"], None, lambda ws, t: ["--stats-memory", "lots"]),
+    "surgeon-with-stats": (lambda ws, t: ["--method", "llm-surgeon", "--stats", t / "s"], None, lambda ws, t: ["--stats", "llm-surgeon"]),
     # evaluation corpora are read before the model: with a missing model too, the error names the corpus
     "missing-eval-data": (lambda ws, t: ["--eval-data", f"pydoc,{t / 'gone.txt'}"], lambda ws, t: t / "no_such_model", lambda ws, t: ["gone.txt"]),
     "unknown-eval-corpus": (lambda ws, t: ["--eval-data", "no-such-corpus"], lambda ws, t: t / "no_such_model", lambda ws, t: ["no-such-corpus"]),
@@ -367,5 +368,5 @@ def test_prune_cofi_killed_during_training_resumes_to_the_uninterrupted_model(ws
 
 
 def test_stats_file_is_refused_for_a_training_method(ws, tmp_path):
-    result = run_cli("prune", ws.model_a, "--out", tmp_path / "x", "--data", ws.data, "--method", "flop", "--stats", tmp_path / "s.safetensors", *SMALL)
+    result = run_cli("prune", ws.model_a, "--out", tmp_path / "x", "--data", ws.data, "--method", "flop", "--stats", tmp_path / "s", *SMALL)
     assert result.returncode == 2 and "--stats does not apply to flop" in result.stderr

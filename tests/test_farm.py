@@ -108,22 +108,31 @@ def test_named_corpora_are_read_by_ray_data_as_by_the_single_process(local_ray, 
     assert calib == [] and [r["text"] for r in evaluation] == want_eval.texts
 
 
+def _in_groups(sites: list, size: int | None) -> list[list]:
+    return [sites] if size is None else [sites[i : i + size] for i in range(0, len(sites), size)]
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_two_actors_give_the_single_process_statistics(local_ray, ws, family):
+@pytest.mark.parametrize(("workers", "group_size"), [(2, None), (1, 1), (2, 3)])
+def test_actors_give_the_single_process_statistics_in_one_pass_or_several(local_ray, ws, family, workers, group_size):
+    """1 or 2 actors, all sites in one pass or a group of sites per pass (memory-bounded
+    collection): every site equals the single process's one-pass statistics."""
     source = getattr(ws, family)
     single, batches = _single_process(source, ws.data, 60, 16, 8)
     calib, rows = _farm_data(source, ws.data, 60, 16, 8)
     # the same examples, in the same order, as the single process: same fingerprint and length
     assert fingerprint_and_length(calib, 8) == (batches_fingerprint(batches), mean_tokens_per_sequence(batches))
     info = ray.get(farm.describe.remote(str(source)))
-    sites, _ = farm.submit_collection(str(source), calib, info.sites, 2, 8)
+    groups = _in_groups(info.sites, group_size)
+    sites, batch_count = farm.submit_collection(str(source), calib, groups, workers, 8)
+    assert list(sites) == info.sites and batch_count == len(batches) * len(groups)
     _assert_exact(dict(zip(sites, ray.get(list(sites.values())))), single)
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_two_actors_give_the_single_process_curvature(local_ray, ws, family):
+@pytest.mark.parametrize(("family", "group_size"), [("bert", None), ("gpt2", None), ("gpt2", 1)])
+def test_two_actors_give_the_single_process_curvature(local_ray, ws, family, group_size):
     """LLM Surgeon's A and G from 2 actors equal the single process's, on the dense model and on
-    a partly pruned one that the actors rebuild from the state."""
+    a partly pruned one that the actors rebuild from the state; in one pass or one per site."""
     source = getattr(ws, family)
     _, batches = _single_process(source, ws.data, 60, 16, 8)
     calib, _ = _farm_data(source, ws.data, 60, 16, 8)
@@ -136,7 +145,8 @@ def test_two_actors_give_the_single_process_curvature(local_ray, ws, family):
     pruned = surgeon_shot(dense, single_dense, weights, geoms, 0.6, mean_tokens_per_sequence(batches))
     info = ray.get(farm.describe.remote(str(source)))
     shards = shard(calib, 2)  # Ray Data tasks: before the actors start
-    plan = surgeon_shots.ShotPlan(farm.start_collectors(str(source), 2, long_lived=True), shards, info.sites, info.geometries, {}, 10.0, 8, 0)
+    plan = surgeon_shots.ShotPlan(farm.start_collectors(str(source), 2, long_lived=True), shards, info.sites, info.geometries, {}, 10.0, 8, 0,
+                                  _in_groups(info.sites, group_size))
     for state in (dense, pruned):
         want = collect_curvature(surgeon_model(adapter, state), mark_heldout(batches), seed=0)
         curvature, _ = surgeon_shots.submit_curvature(plan, ray.put(state))
@@ -155,7 +165,7 @@ def test_a_killed_collection_actor_is_restarted_and_statistics_stay_exact(local_
     calib, _ = _farm_data(ws.bert, data, 600, 16, 2)
     info = ray.get(farm.describe.remote(str(ws.bert)))
     counter = farm.Counter.remote()
-    sites, batches = farm.submit_collection(str(ws.bert), calib, info.sites, 2, 2, 0, counter)
+    sites, batches = farm.submit_collection(str(ws.bert), calib, [info.sites], 2, 2, 0, counter)
     assert batches == 300
     deadline = time.time() + 120
     while not ray.get(counter.workers.remote()) and time.time() < deadline:
@@ -308,7 +318,7 @@ def test_rerun_skips_finished_units_and_reuses_statistics(swept):
     assert len(again.failures) == 1, "the broken model is retried and fails again"
     finished = lambda res: sorted((r["model"], r["method"], r["budget"], r["relative_quality"]) for r in res.records if r["status"] == "FINISHED")
     assert finished(again) == finished(result)
-    assert list(campaign.stats_dir().glob("*.safetensors")), "statistics are cached for later campaigns"
+    assert list(campaign.stats_dir().glob("*/manifest.json")), "statistics are cached for later campaigns"
 
 
 def test_rerun_with_a_new_evaluation_corpus_adds_it_to_the_finished_units(swept, ws, tmp_path):

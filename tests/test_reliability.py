@@ -22,7 +22,8 @@ from conftest import cli_command, cli_env, make_tokenizer, run_cli, save_tiny, s
 from mlflow.tracking import MlflowClient
 
 from gfprune_ray.errors import UserError
-from gfprune_ray.stats import DamagedStats, GramStats, ModelStats, load_cached_stats, load_stats, save_stats
+from gfprune_ray.stats import GramStats, ModelStats
+from gfprune_ray.stats_store import DamagedStats, load_stats, move_aside, read_site, save_stats, site_file
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -77,7 +78,7 @@ def ws(tmp_path_factory):
     ns.model = save_tiny(root / "tiny-bert", "bert", 0, tokenizer)
     ns.data = root / "data.txt"
     ns.data.write_text("\n".join(sentences(40)) + "\n")
-    ns.stats = root / "stats.safetensors"
+    ns.stats = root / "stats"
     ns.prune = run_cli("prune", ns.model, "--out", root / "pruned", "--data", ns.data, "--budget", "0.6", "--stats", ns.stats, *SMALL)
     assert ns.prune.returncode == 0, ns.prune.stderr[-3000:]
     return ns
@@ -97,33 +98,34 @@ def _small_stats() -> dict[str, ModelStats]:
 
 @pytest.mark.parametrize("damage", [_flip_data_byte, _truncate])
 def test_damaged_statistics_are_refused_and_a_damaged_cache_entry_is_moved_aside(tmp_path, damage):
-    path = tmp_path / "s.safetensors"
+    path = tmp_path / "s"
     save_stats(_small_stats(), path)
     assert torch.equal(load_stats(path, "fp")["fit"].sites[(0, "ffn")].gram, _small_stats()["fit"].sites[(0, "ffn")].gram)
-    damage(path)
-    with pytest.raises(DamagedStats):
-        load_stats(path, "fp")
+    damage(site_file(path, (0, "ffn")))
+    for read in (lambda: load_stats(path, "fp")["fit"][(0, "ffn")], lambda: read_site(path, (0, "ffn"))):
+        with pytest.raises(DamagedStats, match="site-0-ffn.safetensors"):
+            read()
     warnings = []
-    assert load_cached_stats(path, "fp", warnings.append) is None
-    assert not path.exists() and len(list(tmp_path.glob("s.safetensors.damaged-*"))) == 1
+    move_aside(path, "damaged", warnings.append)
+    assert not path.exists() and len(list(tmp_path.glob("s.damaged-*"))) == 1
     assert len(warnings) == 1 and "collecting the statistics again" in warnings[0]
 
 
-def test_a_foreign_statistics_file_is_refused_not_moved(tmp_path):
-    path = tmp_path / "s.safetensors"
+def test_a_foreign_statistics_folder_is_refused(tmp_path):
+    path = tmp_path / "s"
     save_stats(_small_stats(), path)
     with pytest.raises(UserError, match="does not match") as caught:
-        load_cached_stats(path, "another", lambda _: None)
+        load_stats(path, "another")
     assert not isinstance(caught.value, DamagedStats) and path.exists()
 
 
 @pytest.mark.parametrize("damage", [_flip_data_byte, _truncate])
 def test_prune_refuses_a_damaged_stats_file_in_one_line(ws, tmp_path, damage):
-    stats = tmp_path / "stats.safetensors"
-    shutil.copy(ws.stats, stats)
-    damage(stats)
+    stats = tmp_path / "stats"
+    shutil.copytree(ws.stats, stats)
+    damage(site_file(stats, (1, "ffn")))
     result = run_cli("prune", ws.model, "--out", tmp_path / "out", "--data", ws.data, "--budget", "0.6", "--stats", stats, *SMALL)
-    _one_line_error(result, stats.name)
+    _one_line_error(result, "site-1-ffn.safetensors")
     assert not (tmp_path / "out").exists()
 
 
@@ -143,7 +145,7 @@ def test_unwritable_out_and_stats_fail_before_the_collection(ws, tmp_path):
     start = time.perf_counter()
     result = run_cli("prune", ws.model, "--out", blocked / "sub" / "out", "--data", ws.data, *SMALL)
     _one_line_error(result, "cannot write", str(blocked))
-    result = run_cli("prune", ws.model, "--out", tmp_path / "out", "--data", ws.data, "--stats", blocked / "s.safetensors", *SMALL)
+    result = run_cli("prune", ws.model, "--out", tmp_path / "out", "--data", ws.data, "--stats", blocked / "s", *SMALL)
     _one_line_error(result, "--stats", str(blocked))
     assert "collect" not in result.stderr and not (tmp_path / "out").exists()
     assert time.perf_counter() - start < 60
@@ -300,14 +302,14 @@ def test_a_rerun_heals_what_a_damaged_cache_a_deleted_model_and_a_killed_sweep_l
     shutil.rmtree(out / "gfp-0.7")
     [lost] = [r for r in _runs(tmp_path, "heal", "unit") if r.data.params["budget"] == "0.7"]
     shutil.rmtree(Path(lost.info.artifact_uri.removeprefix("file://")) / "model")
-    [cached] = list((tmp_path / "cache").glob("*.safetensors"))
-    _flip_data_byte(cached)
+    [cached] = [p.parent for p in (tmp_path / "cache").glob("*/manifest.json")]
+    _flip_data_byte(site_file(cached, (0, "attn")))
 
     grown = run_cli(*_sweep(ws, tmp_path, "heal", "0.8,0.7,0.6", models))
     assert grown.returncode == 1, grown.stderr[-3000:]
-    assert f"{cached.name}: statistics file is damaged" in grown.stderr and "collecting the statistics again" in grown.stderr
+    assert "site-0-attn.safetensors: statistics file is damaged" in grown.stderr and "collecting the statistics again" in grown.stderr
     assert len(list((tmp_path / "cache").glob(f"{cached.name}.damaged-*"))) == 1
-    assert load_stats(cached, None)["fit"].tokens > 0, "the statistics were collected and cached again"
+    assert read_site(cached, (0, "attn"))["fit"].n > 0, "the statistics were collected and cached again"
     assert {p.name: p.read_bytes() for p in (out / "gfp-0.8").iterdir()} == saved, "the deleted model is restored from its run"
     assert "restored from MLflow run" in grown.stderr
     assert "pruning it again" in grown.stderr and (out / "gfp-0.7" / "model.safetensors").is_file()

@@ -26,6 +26,7 @@ from ..methods.surgeon import SHOTS
 from ..methods.trained import CHECKPOINT_EVERY, STEPS_CPU
 from ..reconstruct import MODES
 from ..search import SEARCHES
+from ..stats import parse_memory
 
 TASKS = ("auto", "embedding", "lm", "classification")
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6)
@@ -97,6 +98,8 @@ class Campaign(BaseModel):
     shots: Positive = SHOTS  # llm-surgeon: shots to reach each budget
     steps: Positive = STEPS_CPU  # cofi, flop: training steps per unit
     checkpoint_every: Positive = CHECKPOINT_EVERY  # cofi, flop: steps between checkpoints
+    # bytes of statistics one collection actor holds in a pass ('6GB', '512MB'); None: from the nodes
+    stats_memory: Annotated[int | None, BeforeValidator(lambda v: parse_memory(str(v)) if v is not None else None)] = None
 
     def reconstruction_of(self, method: str) -> str:
         """llm-surgeon writes its own weights (correlated updates), cofi and flop train theirs; the

@@ -42,7 +42,8 @@ from ..outputs import staged_output
 from ..pipeline import site_generator, surgeon_model
 from ..reconstruct import reconstruct
 from ..search import SEARCHES, Site
-from ..stats import weights_fingerprint
+from ..stats import GRADS_PART, model_sites, weights_fingerprint
+from ..stats_store import DamagedStats, read_site, write_site
 from ..surgery import apply_pruning, save_pruned
 from .ray_data import iter_torch_batches, shard
 
@@ -151,7 +152,7 @@ class ModelInfo:
 def describe(source: str) -> ModelInfo:
     adapter, _ = _load(source)
     geoms = adapter.geometries()
-    sites = [(i, kind) for i, g in enumerate(geoms) for kind in ("attn", "ffn") if g.count(kind)]
+    sites = model_sites(geoms)
     return ModelInfo(weights_fingerprint(adapter.model), geoms, sites, adapter.max_positions(), type(adapter.model).__name__)
 
 
@@ -188,21 +189,23 @@ class Collector:
             if counter is not None:
                 counter.add.remote(1, os.getpid())
 
-    def collect(self, shard_ds, batch_size: int, seed: int, counter=None) -> tuple:
-        """(fit, heldout) input statistics and the output curvature per site, for the scoring
-        methods; the curvature's targets are seeded per example, so shards add up exactly."""
+    def collect(self, shard_ds, batch_size: int, seed: int, sites: list[Site], counter=None) -> tuple:
+        """(fit, heldout) input statistics and the output curvature of each of `sites` (one group
+        of a model's sites: a pass holds only theirs), for the scoring methods; the curvature's
+        targets are seeded per example, so shards add up exactly."""
         start = time.perf_counter()
-        c = collect_curvature(self.adapter, self._batches(shard_ds, batch_size, counter), seed)
+        c = collect_curvature(self.adapter, self._batches(shard_ds, batch_size, counter), seed, sites=sites)
         seconds = time.perf_counter() - start
-        pairs = tuple(Timed((c.fit.sites[s], c.heldout.sites[s], c.grads.sites[s]), seconds) for s in c.fit.sites)
+        pairs = tuple(Timed((c.fit.sites[s], c.heldout.sites[s], c.grads.sites[s]), seconds) for s in sites)
         return pairs if len(pairs) > 1 else pairs[0]
 
     def curvature(self, shard_ds, batch_size: int, state: SurgeonState, sites: list[Site], seed: int, counter=None) -> tuple:
-        """LLM Surgeon's (fit A, held-out A, G) per site of the model as pruned so far by `state`:
-        one value per site in `sites` (None where the site has lost every unit), then the seconds."""
+        """LLM Surgeon's (fit A, held-out A, G) per site of `sites` (one group) of the model as
+        pruned so far by `state` (None where the site has lost every unit), then the seconds."""
         start = time.perf_counter()
         current = surgeon_model(self.adapter, state)
-        curvature = collect_curvature(current, self._batches(shard_ds, batch_size, counter), seed)
+        present = set(model_sites(current.geometries()))  # a site that lost every unit has nothing to collect
+        curvature = collect_curvature(current, self._batches(shard_ds, batch_size, counter), seed, sites=[s for s in sites if s in present])
         seconds = time.perf_counter() - start
         values = [(curvature.fit[s], curvature.heldout[s], curvature.grads[s]) if s in curvature.fit.sites else None for s in sites]
         return tuple(Timed(v, seconds) for v in values) + (Timed(None, seconds),)
@@ -275,19 +278,61 @@ def shard_batches(shards: list, batch_size: int) -> int:
     return sum(-(-part.count() // batch_size) for part in shards)
 
 
-def submit_collection(source: str, data, sites: list[Site], workers: int, batch_size: int, seed: int = 0, counter=None, actors: list | None = None) -> tuple[dict[Site, ray.ObjectRef], int]:
-    """Collect on disjoint shards, one per actor (started here unless given). Returns one reduced
-    (fit, heldout, grads) ref per site and the number of batches the actors will report to `counter`.
+def submit_collection(source: str, data, groups: list[list[Site]], workers: int, batch_size: int, seed: int = 0, counter=None,
+                      actors: list | None = None) -> tuple[dict[Site, ray.ObjectRef], int]:
+    """Collect on disjoint shards, one per actor (started here unless given), one pass per group
+    of sites. Returns one reduced (fit, heldout, grads) ref per site and the number of batches the
+    actors will report to `counter`.
 
-    Sharding runs Ray Data tasks, so it comes before the actors start: on a small machine actors
-    holding every CPU would leave those tasks waiting forever."""
+    Each actor runs its passes in order, so it holds one group's statistics at a time; a group's
+    reduction starts as soon as its pass ends on every shard. Sharding runs Ray Data tasks, so it
+    comes before the actors start: on a small machine actors holding every CPU would leave those
+    tasks waiting forever."""
     shards = shard(data, len(actors) if actors else workers)
     actors = actors or start_collectors(source, len(shards))
-    partials = []
-    for actor, part in zip(actors, shards):
-        call = actor.collect.options(num_returns=len(sites)).remote(part, batch_size, seed, counter)
-        partials.append(ref_list(call, len(sites)))
-    return {site: reduce_tree([p[j] for p in partials]) for j, site in enumerate(sites)}, shard_batches(shards, batch_size)
+    reduced = {}
+    for group in groups:
+        partials = [ref_list(actor.collect.options(num_returns=len(group)).remote(part, batch_size, seed, group, counter), len(group))
+                    for actor, part in zip(actors, shards)]
+        reduced |= {site: reduce_tree([p[j] for p in partials]) for j, site in enumerate(group)}
+    return reduced, shard_batches(shards, batch_size) * len(groups)
+
+
+def default_stats_memory(workers: int) -> int:
+    """Statistics bytes per collection actor when --stats-memory is not given: a quarter of the
+    memory Ray gives tasks on the smallest node, shared by the actors that node may hold."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    memory = min(n.get("Resources", {}).get("memory", 0) for n in nodes)
+    per_node = -(-workers // max(1, len(nodes)))
+    return max(1, int(memory) // 4 // per_node)
+
+
+# ---- the statistics cache (on the driver's node) ------------------------------------------
+
+
+def on_driver_node() -> dict:
+    """Task options that run it on this process's node, where the statistics cache is."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
+@ray.remote(num_cpus=1)
+def save_site(folder: str, fingerprint: str, site: Site, pair: Timed) -> dict[str, int]:
+    """Write one reduced site to the cache folder; returns each part's token count."""
+    fit, held, grads = pair.value
+    write_site(Path(folder), site, {"fit": fit, "heldout": held, GRADS_PART: grads}, fingerprint)
+    return {"fit": int(fit.n), "heldout": int(held.n), GRADS_PART: int(grads.n)}
+
+
+@ray.remote(num_cpus=1, num_returns=2)
+def load_site(folder: str, site: Site) -> tuple[Timed | None, str | None]:
+    """One cached site, as collection gives it, or (None, why) when its file is damaged."""
+    try:
+        parts = read_site(Path(folder), site)
+    except DamagedStats as exc:
+        return None, str(exc)
+    return Timed((parts["fit"], parts["heldout"], parts[GRADS_PART]), 0.0), None
 
 
 # ---- score, search, reconstruct ------------------------------------------------------------

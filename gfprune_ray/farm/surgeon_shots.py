@@ -93,6 +93,7 @@ class ShotPlan:
     seq_len: float
     batch_size: int
     seed: int
+    groups: list[list[Site]]  # collected one group per pass (memory-bounded statistics)
     counter: object = None
 
 
@@ -108,15 +109,26 @@ class Chain:
 Track = Callable[[str, list], None]
 
 
+@ray.remote(num_cpus=0)
+def add_seconds(*timed: Timed) -> Timed:
+    """The seconds of a collection round done in several passes (groups of sites)."""
+    return Timed(None, sum(t.seconds for t in timed))
+
+
 def submit_curvature(plan: ShotPlan, state: ray.ObjectRef) -> tuple[dict[Site, ray.ObjectRef], ray.ObjectRef]:
-    """One collection round on the actors: reduced curvature per site, and the round's seconds."""
-    n = len(plan.sites) + 1
-    partials = [
-        ref_list(actor.curvature.options(num_returns=n).remote(part, plan.batch_size, state, plan.sites, plan.seed, plan.counter), n)
-        for actor, part in zip(plan.actors, plan.shards)
-    ]
-    reduced = [reduce_tree([p[j] for p in partials]) for j in range(n)]
-    return dict(zip(plan.sites, reduced[:-1])), reduced[-1]
+    """One collection round on the actors, a pass per group of sites: reduced curvature per site,
+    and the round's seconds."""
+    curvature, seconds = {}, []
+    for group in plan.groups:
+        n = len(group) + 1
+        partials = [
+            ref_list(actor.curvature.options(num_returns=n).remote(part, plan.batch_size, state, group, plan.seed, plan.counter), n)
+            for actor, part in zip(plan.actors, plan.shards)
+        ]
+        reduced = [reduce_tree([p[j] for p in partials]) for j in range(n)]
+        curvature |= dict(zip(group, reduced[:-1]))
+        seconds.append(reduced[-1])
+    return curvature, seconds[0] if len(seconds) == 1 else add_seconds.remote(*seconds)
 
 
 def submit_shot(plan: ShotPlan, state: ray.ObjectRef, curvature: dict, seconds: ray.ObjectRef, target: float, track: Track) -> ray.ObjectRef:
@@ -145,4 +157,5 @@ def submit_chains(plan: ShotPlan, budgets: list[float], shots: int, track: Track
     for chain in chains:
         refs = outputs.options(num_returns=2 + len(plan.sites)).remote(chain.state, plan.geometries, plan.sites)
         chain.outputs = (refs[0], refs[1], list(refs[2:]))
-    return chains, shard_batches(plan.shards, plan.batch_size) * (1 + (shots - 1) * len(budgets))
+    rounds = 1 + (shots - 1) * len(budgets)
+    return chains, shard_batches(plan.shards, plan.batch_size) * len(plan.groups) * rounds

@@ -24,7 +24,8 @@ from ..methods import SURGEON, TRAINED_METHODS
 from ..outputs import check_writable_folder, staged_output
 from ..progress import StageProgress, warn
 from ..single import LATENCY_SEQ_LEN
-from ..stats import GRADS_PART, ModelStats, load_cached_stats, save_stats, stats_fingerprint
+from ..stats import plan_groups, stats_fingerprint
+from ..stats_store import finish, is_complete, move_aside, stored_tokens
 from ..train_ray import TrainJob
 from ..training import Schedule
 from . import stages, surgeon_shots, train_units
@@ -54,6 +55,7 @@ class ModelWork:
     collect_start: float = 0.0
     collect_s: float | None = None
     sites: dict = field(default_factory=dict)  # site -> ref of (fit, heldout, grads) statistics
+    saves: list = field(default_factory=list)  # refs of the tasks writing each site to the cache
     scores: dict = field(default_factory=dict)  # method -> [refs per site]
     actors: list = field(default_factory=list)  # collectors kept for LLM Surgeon's shots
     train_batches: list = field(default_factory=list)  # calibration batches for cofi and flop
@@ -129,7 +131,7 @@ class Sweep:
         evaluation = {label: tokenize_rows(rows, source, seq_len, self.c.batch_size) for label, rows in eval_rows.items()}
         data_fp, work.mean_seq_len = fingerprint_and_length(calib, self.c.batch_size)
         work.stats_fp = stats_fingerprint(work.info.fingerprint, data_fp, seq_len, self.c.samples, self.c.seed)
-        work.stats_path = self.c.stats_dir() / f"{work.stats_fp}.safetensors"
+        work.stats_path = self.c.stats_dir() / work.stats_fp  # a folder, one file per site (stats_store)
         work.tokens = round(work.mean_seq_len * calib.count())
         shards = None
         if work.units_of("surgeon"):  # its actors serve every shot, so they outlive one collection
@@ -144,18 +146,31 @@ class Sweep:
         self.submit_units(work, evaluation, shards)
 
     def _statistics(self, work: ModelWork, calib) -> None:
-        """Input statistics for the scoring methods: from the cache, or collected on the actors."""
-        sites = work.info.sites
-        parts = load_cached_stats(work.stats_path, work.stats_fp, warn)
-        if parts is not None:
-            work.sites = {s: ray.put(stages.Timed((parts["fit"][s], parts["heldout"][s], parts[GRADS_PART][s]), 0.0)) for s in sites}
-            work.stats_reused, work.collect_s = True, 0.0
-            work.tokens = parts["fit"].tokens + parts["heldout"].tokens
-            return
+        """Input statistics for the scoring methods: from the cache, or collected on the actors.
+        Either way each site is its own object, read or written by its own task on this node, so
+        no process (the driver least) holds a whole model's statistics."""
+        sites, path = work.info.sites, work.stats_path
+        if is_complete(path):
+            loaded = {s: stages.load_site.options(**stages.on_driver_node()).remote(str(path), s) for s in sites}
+            damaged = next((e for e in ray.get([e for _, e in loaded.values()]) if e), None)
+            if damaged is None:
+                work.sites = {s: ref for s, (ref, _) in loaded.items()}
+                work.stats_reused, work.collect_s = True, 0.0
+                tokens = stored_tokens(path)
+                work.tokens = tokens["fit"] + tokens["heldout"]
+                return
+            move_aside(path, damaged, warn)
         work.collect_start = time.perf_counter()
-        work.sites, batches = stages.submit_collection(work.entry.source, calib, sites, self.c.workers, self.c.batch_size, self.c.seed, self.counter, work.actors or None)
+        work.sites, batches = stages.submit_collection(work.entry.source, calib, self._groups(work), self.c.workers, self.c.batch_size,
+                                                       self.c.seed, self.counter, work.actors or None)
+        work.saves = [stages.save_site.options(**stages.on_driver_node()).remote(str(path), work.stats_fp, s, ref) for s, ref in work.sites.items()]
         self.progress.add("collect", batches)
         self.collecting.append(work)
+
+    def _groups(self, work: ModelWork) -> list[list]:
+        """The model's sites in groups whose statistics fit one actor's --stats-memory."""
+        memory = self.c.stats_memory or stages.default_stats_memory(self.c.workers)
+        return plan_groups(work.info.sites, work.info.geometries, memory)
 
     def submit_units(self, work: ModelWork, evaluation: dict, shards: list | None = None) -> None:
         info, c = work.info, self.c
@@ -176,7 +191,7 @@ class Sweep:
         surgeons = work.units_of("surgeon")
         if surgeons:
             plan = surgeon_shots.ShotPlan(work.actors, shards, info.sites, info.geometries, weights,
-                                         work.mean_seq_len, c.batch_size, c.seed, self.counter)
+                                         work.mean_seq_len, c.batch_size, c.seed, self._groups(work), self.counter)
             chains, batches = surgeon_shots.submit_chains(plan, [u.budget for u in surgeons], c.shots, self._track)
             self.progress.add("collect", batches)
             for unit, chain in zip(surgeons, chains):
@@ -248,9 +263,8 @@ class Sweep:
                 ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
                 self.progress.set_done(stage, len(ready))
         for work in list(self.collecting):
-            refs = list(work.sites.values())
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-            if len(ready) == len(refs):
+            ready, _ = ray.wait(work.saves, num_returns=len(work.saves), timeout=0, fetch_local=False)
+            if len(ready) == len(work.saves):
                 self.collecting.remove(work)
                 self._cache_statistics(work)
         if not self.in_flight:
@@ -263,14 +277,15 @@ class Sweep:
                 work.actors = []  # the model is done: let Ray end its actors
 
     def _cache_statistics(self, work: ModelWork) -> None:
+        """Every site is written: mark the cache entry complete."""
         work.collect_s = time.perf_counter() - work.collect_start
         try:
-            pairs = dict(zip(work.sites, ray.get(list(work.sites.values()))))
-        except ray.exceptions.RayError:
-            return  # the units that needed these statistics fail and say why
-        fit, held, grads = (ModelStats({s: p.value[i] for s, p in pairs.items()}, work.stats_fp) for i in range(3))
-        work.tokens = fit.tokens + held.tokens
-        save_stats({"fit": fit, "heldout": held, GRADS_PART: grads}, work.stats_path)
+            tokens = ray.get(work.saves)[0]
+        except ray.exceptions.RayError as exc:  # the units that needed these statistics say why, if they fail
+            warn(f"statistics of {work.entry.source} not cached: {_error_text(exc)}")
+            return
+        work.tokens = tokens["fit"] + tokens["heldout"]
+        finish(work.stats_path, work.stats_fp, work.info.sites, tokens)
 
     def _finish_unit(self, unit: Unit, work: ModelWork, ref) -> None:
         c = self.c

@@ -1,0 +1,191 @@
+"""Statistics on disk: a folder with one safetensors file per site and a manifest written last.
+
+One file per site lets every consumer read only the site it works on (a scoring task, a
+reconstruction, the single-process pipeline going layer by layer), so no process needs a whole
+7B-class model's statistics in memory, and a site can be written as soon as its collection pass
+is reduced. The manifest is written after every site: a folder without one is unfinished (a
+killed run) and is never read as statistics.
+
+Each file holds the site's parts (`fit`, `heldout`, `grads`), each as n, gram and total, with a
+SHA-256 checksum per part in its metadata: safetensors checks only the header, so damaged data
+would otherwise load as plausible numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import UserError, first_line
+from .models import Adapter
+from .stats import FORMAT_VERSION, GRADS_PART, GramStats, ModelStats, Site, empty_stats
+
+MANIFEST = "manifest.json"
+FIELDS = ("n", "gram", "total")
+
+
+class DamagedStats(UserError):
+    """Statistics that cannot be read back as they were written: a truncated file, or tensor data
+    changed since (the checksum written with it does not match)."""
+
+
+def site_file(folder: Path, site: Site) -> Path:
+    layer, kind = site
+    return Path(folder) / f"site-{layer}-{kind}.safetensors"
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself: no copy
+    return digest.hexdigest()
+
+
+def write_site(folder: Path, site: Site, parts: dict[str, GramStats], fingerprint: str) -> None:
+    """One site's parts to its file (written under a temporary name, then renamed)."""
+    meta = {"fingerprint": fingerprint, "format": str(FORMAT_VERSION)}
+    tensors: dict[str, torch.Tensor] = {}
+    for part, stats in parts.items():
+        fields = {f"{part}/n": stats.n.reshape(1), f"{part}/gram": stats.gram.contiguous(), f"{part}/total": stats.total.contiguous()}
+        meta[f"checksum/{part}"] = tensors_checksum(fields)
+        tensors |= fields
+    path = site_file(folder, site)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def read_site(folder: Path, site: Site, parts: tuple[str, ...] | None = None) -> dict[str, GramStats]:
+    """The named parts of one site (default: all), each checked against its checksum."""
+    path = site_file(folder, site)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = list(f.keys())
+            wanted = parts or tuple(dict.fromkeys(n.split("/")[0] for n in names))
+            tensors = {name: f.get_tensor(name) for name in names if name.split("/")[0] in wanted}
+    except Exception as exc:  # safetensors raises its own error types, on open and on a short read
+        raise DamagedStats(f"{path}: not a readable statistics file ({first_line(exc)})") from None
+    out = {}
+    for part in wanted:
+        fields = {k: v for k, v in tensors.items() if k.startswith(f"{part}/")}
+        if len(fields) != len(FIELDS) or tensors_checksum(fields) != meta.get(f"checksum/{part}"):
+            raise DamagedStats(f"{path}: statistics file is damaged (its data does not match the checksum written with it)")
+        out[part] = GramStats(fields[f"{part}/n"].reshape(()), fields[f"{part}/gram"], fields[f"{part}/total"])
+    return out
+
+
+def finish(folder: Path, fingerprint: str, sites: list[Site], tokens: dict[str, int], meta: dict | None = None) -> None:
+    """Mark a folder whose every site is written as complete statistics."""
+    manifest = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "sites": [list(s) for s in sites], "tokens": tokens, "meta": meta or {}}
+    tmp = Path(folder) / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(Path(folder) / MANIFEST)
+
+
+def is_complete(folder: Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def save_stats(parts: dict[str, ModelStats], folder: str | Path) -> None:
+    """Statistics held in memory (named parts of one model, e.g. fit and heldout) to a folder."""
+    folder = Path(folder)
+    fingerprints = {p.fingerprint for p in parts.values()}
+    if len(fingerprints) != 1:
+        raise ValueError("all parts of a statistics folder must share one fingerprint")
+    fingerprint = fingerprints.pop()
+    sites = list(next(iter(parts.values())).sites)
+    for site in sites:
+        write_site(folder, site, {name: stats.sites[site] for name, stats in parts.items()}, fingerprint)
+    finish(folder, fingerprint, sites, {name: stats.tokens for name, stats in parts.items()}, next(iter(parts.values())).meta)
+
+
+class StoredSites(Mapping):
+    """One part of every site of a statistics folder, read from disk on each access (nothing is
+    kept, so a process holds one site at a time)."""
+
+    fresh = True  # every access returns new tensors, which a caller may change in place
+
+    def __init__(self, folder: Path, part: str, sites: list[Site], tokens: int | None):
+        self.folder, self.part, self.keys_, self.tokens = Path(folder), part, sites, tokens
+
+    def __getitem__(self, site: Site) -> GramStats:
+        if site not in self.keys_:
+            raise KeyError(site)
+        return read_site(self.folder, site, (self.part,))[self.part]
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+def _manifest(folder: Path) -> dict:
+    if not folder.is_dir():
+        what = "a file" if folder.exists() else "missing"
+        raise UserError(f"{folder}: not a gfprune-ray statistics folder ({what}; statistics are a folder since format 5: collect them again)")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{folder}: unfinished statistics (no {MANIFEST}): collect them again") from None
+    except (OSError, ValueError) as exc:
+        raise DamagedStats(f"{folder / MANIFEST}: not readable ({first_line(exc)})") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise UserError(f"{folder}: not gfprune-ray statistics of format {FORMAT_VERSION} (found {manifest.get('format')!r})")
+    return manifest
+
+
+def _site_shapes(folder: Path, site: Site) -> dict[str, tuple]:
+    """part -> total's shape, from the file's header alone."""
+    path = site_file(folder, site)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name.split("/")[0]: tuple(f.get_slice(name).get_shape()) for name in f.keys() if name.endswith("/total")}
+    except Exception as exc:
+        raise DamagedStats(f"{path}: not a readable statistics file ({first_line(exc)})") from None
+
+
+def load_stats(folder: str | Path, fingerprint: str | None, adapter: Adapter | None = None) -> dict[str, ModelStats]:
+    """A statistics folder as named parts whose sites are read on access. Refuses a folder of
+    another fingerprint or (given the model) of other shapes, before reading any Gram."""
+    folder = Path(folder)
+    manifest = _manifest(folder)
+    found = manifest.get("fingerprint")
+    if fingerprint is not None and found != fingerprint:
+        raise UserError(f"{folder}: statistics fingerprint {found} does not match this model and data ({fingerprint})")
+    sites = [(int(layer), kind) for layer, kind in manifest["sites"]]
+    tokens = manifest.get("tokens", {})
+    if adapter is not None:
+        expected = {k: tuple(v.total.shape) for k, v in empty_stats(adapter).sites.items()}
+        if set(sites) != set(expected):
+            raise UserError(f"{folder}: statistics shapes do not match the model's layers")
+        for site in sites:
+            for part, shape in _site_shapes(folder, site).items():
+                # the output curvature of every site is as wide as the residual stream
+                if shape != ((adapter.hidden_size,) if part == GRADS_PART else expected[site]):
+                    raise UserError(f"{folder}: statistics shapes do not match the model's layers")
+    return {part: ModelStats(StoredSites(folder, part, sites, tokens.get(part)), found, manifest.get("meta", {})) for part in tokens}
+
+
+def stored_tokens(folder: Path) -> dict[str, int]:
+    """Token count of each part of a complete folder, from its manifest."""
+    return _manifest(Path(folder))["tokens"]
+
+
+def move_aside(folder: Path, reason: str, warn: Callable[[str], None]) -> None:
+    """Move damaged statistics out of the cache's way (kept for a post-mortem, never read again)."""
+    aside = folder.with_name(f"{folder.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.replace(aside)
+    warn(f"{reason}; moved to {aside.name}, collecting the statistics again")
