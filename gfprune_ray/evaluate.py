@@ -170,16 +170,24 @@ class CorpusReferences:
         return result
 
 
-def efficiency(dense_adapter: Adapter, pruned_adapter: Adapter, seq_len: int = 128, batch_sizes=(1, 32), repeats: int = 5) -> dict:
-    """MACs, parameters and measured latency of dense and pruned, with the ideal speedup beside it."""
-    dense_macs = model_macs(dense_adapter, seq_len)
+def dense_counts(adapter: Adapter, seq_len: int = 128) -> dict:
+    """MACs and parameters of a model before it is cut, for `efficiency`."""
+    return {"dense_macs": model_macs(adapter, seq_len), "dense_params": count_params(adapter.model)}
+
+
+def efficiency(dense_adapter: Adapter | None, pruned_adapter: Adapter, seq_len: int = 128, batch_sizes=(1, 32), repeats: int = 5,
+               counts: dict | None = None) -> dict:
+    """MACs, parameters and measured latency of dense and pruned, with the ideal speedup beside it.
+    With the dense model's `counts` and no latency (repeats 0) the dense model itself is not
+    needed: a caller can cut it in place instead of keeping a second copy."""
+    counts = counts or dense_counts(dense_adapter, seq_len)
     pruned_macs = model_macs(pruned_adapter, seq_len)
     result = {
-        "dense_macs": dense_macs,
+        "dense_macs": counts["dense_macs"],
         "macs": pruned_macs,
-        "macs_ratio": pruned_macs / dense_macs,
-        "ideal_speedup": dense_macs / pruned_macs,
-        "dense_params": count_params(dense_adapter.model),
+        "macs_ratio": pruned_macs / counts["dense_macs"],
+        "ideal_speedup": counts["dense_macs"] / pruned_macs,
+        "dense_params": counts["dense_params"],
         "params": count_params(pruned_adapter.model),
         "latency_seq_len": seq_len,
     }

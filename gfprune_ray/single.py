@@ -24,7 +24,7 @@ from . import __version__
 from .data import (Examples, batches_fingerprint, evaluation_sources, mean_tokens_per_sequence, read_examples, split_examples, tokenize,
                    with_labels)
 from .errors import UserError, first_line
-from .evaluate import CorpusReferences, efficiency
+from .evaluate import CorpusReferences, dense_counts, efficiency
 from .flops import check_budget
 from .loading import DTYPES, load_model
 from .methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
@@ -191,11 +191,13 @@ def check_seq_len(adapter, seq_len: int) -> None:
         raise UserError(f"--seq-len {seq_len} exceeds the {limit} positions this model supports")
 
 
-def measure(dense_adapter, pruned_adapter, reference: CorpusReferences, opts: PruneOptions) -> dict:
+def measure(dense_adapter, pruned_adapter, reference: CorpusReferences, opts: PruneOptions, counts: dict | None = None) -> dict:
+    """Quality against `reference`, and efficiency (`dense_adapter` may be None given the dense
+    model's `counts` and no latency to measure)."""
     with bar("evaluate", len(reference)) as step:
         quality = reference.measure(pruned_adapter.model, on_batch=step)
-    seq_len = latency_seq_len(dense_adapter)
-    return quality | efficiency(dense_adapter, pruned_adapter, seq_len=seq_len, repeats=opts.latency_repeats)
+    seq_len = latency_seq_len(pruned_adapter)
+    return quality | efficiency(dense_adapter, pruned_adapter, seq_len=seq_len, repeats=opts.latency_repeats, counts=counts)
 
 
 def _uncached_record(batches: list[dict], seq_len: float) -> dict:
@@ -305,14 +307,19 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
             masks_json, curve = outcome["masks"], outcome["curve"]
         else:
             result, calibration_record = _plan(adapter, calib_batches, opts, stats_path, timings)
-            dense = adapter_for(copy.deepcopy(model))
+            # the dense model's outputs and counts first: then it is cut in place, and a second
+            # copy is kept only where latency times the two side by side
+            reference = references(adapter, sources, eval_batches, labels, others, tokenizer, opts)
+            counts = dense_counts(adapter, latency_seq_len(adapter))
+            dense = adapter_for(copy.deepcopy(model)) if opts.latency_repeats > 0 else None
             start = time.perf_counter()
             apply_pruning(adapter, result.masks, result.weights)
             timings["surgery_s"] = time.perf_counter() - start
             summary, masks_json, curve, storage = result.summary(), result.masks.to_json(), None, None
-        reference = references(dense, sources, eval_batches, labels, others, tokenizer, opts)
+        if opts.method in TRAINED_METHODS:
+            reference, counts = references(dense, sources, eval_batches, labels, others, tokenizer, opts), None
         start = time.perf_counter()
-        metrics = measure(dense, adapter, reference, opts)
+        metrics = measure(dense, adapter, reference, opts, counts)
         timings["evaluate_s"] = time.perf_counter() - start
         report = {
             "gfprune_ray": __version__,

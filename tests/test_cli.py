@@ -27,7 +27,12 @@ SMALL = ["--samples", "20", "--eval-samples", "10", "--seq-len", "16", "--batch-
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """Of a file, or of every file of a folder (names and bytes)."""
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if file.is_file():
+            digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")

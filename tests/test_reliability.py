@@ -102,7 +102,8 @@ def test_damaged_statistics_are_refused_and_a_damaged_cache_entry_is_moved_aside
     save_stats(_small_stats(), path)
     assert torch.equal(load_stats(path, "fp")["fit"].sites[(0, "ffn")].gram, _small_stats()["fit"].sites[(0, "ffn")].gram)
     damage(site_file(path, (0, "ffn")))
-    for read in (lambda: load_stats(path, "fp")["fit"][(0, "ffn")], lambda: read_site(path, (0, "ffn"))):
+    # each part is checked as it is read: reading every part must find the damage
+    for read in (lambda: [part[(0, "ffn")] for part in load_stats(path, "fp").values()], lambda: read_site(path, (0, "ffn"))):
         with pytest.raises(DamagedStats, match="site-0-ffn.safetensors"):
             read()
     warnings = []

@@ -34,7 +34,7 @@ import torch
 
 from ..curvature import collect_curvature
 from ..errors import UserError, first_line
-from ..evaluate import CorpusReferences, efficiency
+from ..evaluate import CorpusReferences, dense_counts, efficiency
 from ..methods import get_method
 from ..methods.surgeon import SurgeonState
 from ..models import BlockGeometry, UnitWeights, adapter_for
@@ -405,21 +405,26 @@ def evaluate_unit(spec: EvalSpec, ref: CorpusReferences, masks: Timed, *recs: Ti
     set_threads(1)
     start = time.perf_counter()
     dense, tokenizer = _load(spec.source)
-    pruned = adapter_for(copy.deepcopy(dense.model))
+    counts = dense_counts(dense, spec.latency_seq_len)
+    kept = masks.value.kept_fraction(dense.geometries(), spec.record["mean_seq_len"])
+    # latency times both models side by side; without it the dense model is cut in place (one copy)
+    pruned = adapter_for(copy.deepcopy(dense.model)) if spec.latency_repeats > 0 else dense
     weights = {site: r.value for site, r in zip(spec.sites, recs) if r.value is not None}
     apply_pruning(pruned, masks.value, weights)
-    kept = masks.value.kept_fraction(dense.geometries(), spec.record["mean_seq_len"])
-    result = measure_and_save(spec, ref, dense, pruned, tokenizer, masks.value.to_json(), {"kept_prunable_macs": kept})
+    dense = dense if spec.latency_repeats > 0 else None
+    result = measure_and_save(spec, ref, dense, pruned, tokenizer, masks.value.to_json(), {"kept_prunable_macs": kept}, counts)
     timings = {"search_s": masks.seconds, "reconstruct_s": sum(r.seconds for r in recs)} | (timings or {})
     timings["evaluate_s"] = time.perf_counter() - start
     return result | {"timings": timings}
 
 
-def measure_and_save(spec: EvalSpec, ref: CorpusReferences, dense, pruned, tokenizer, masks_json: dict, extra: dict) -> dict:
+def measure_and_save(spec: EvalSpec, ref: CorpusReferences, dense, pruned, tokenizer, masks_json: dict, extra: dict,
+                     counts: dict | None = None) -> dict:
     """Quality and efficiency of a cut model next to the dense one; the model saved in its folder
     (written aside and renamed: a folder left by a killed attempt at this unit is replaced).
     Returning the folder's path, not its files, keeps a 7B model out of the object store."""
-    metrics = ref.measure(pruned.model) | efficiency(dense, pruned, seq_len=spec.latency_seq_len, repeats=spec.latency_repeats) | extra
+    efficient = efficiency(dense, pruned, seq_len=spec.latency_seq_len, repeats=spec.latency_repeats, counts=counts)
+    metrics = ref.measure(pruned.model) | efficient | extra
     if spec.folder is not None:
         record = spec.record | {"metrics": metrics, "sizes": pruned.sizes(), "masks": masks_json}
         with staged_output(Path(spec.folder), force=True) as staging:
