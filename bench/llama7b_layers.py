@@ -146,6 +146,7 @@ def bench_prune(model: Path, work: Path, args, env) -> dict:
 
 
 def bench_sweep(model: Path, work: Path, args, env) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     models = work / "models.txt"
     models.write_text(f"{model}\n")
     result = run([str(BIN / "gfprune-ray"), "sweep", "--models", str(models), "--methods", "fluctuation", "--budgets", args.budget,

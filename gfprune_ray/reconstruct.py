@@ -70,13 +70,39 @@ def with_bias_column(cols: torch.Tensor, inputs: int, has_bias: bool) -> torch.T
 class _Quadratic:
     """E|D x - K x_S|^2 as a function of the kept weights K, for one input moment M = E[x x^T].
 
-    Precomputes D M[:, S] and M[S, S], so each candidate ridge costs d |S|^2, not d k^2."""
+    Holds D M[:, S] and M[S, S], so each candidate ridge costs d |S|^2, not d k^2. Built from the
+    Gram matrix of a site's statistics without copying it whole (`of`): for an 11008-wide FFN a
+    copy is 1 GB, and the refit would otherwise make several."""
 
-    def __init__(self, dense: torch.Tensor, moment: torch.Tensor, cols: torch.Tensor):
-        self.dense_s = dense[:, cols]
-        self.dm_s = dense @ moment[:, cols]
-        self.m_ss = moment[cols][:, cols]
-        self.energy = ((dense @ moment) * dense).sum().clamp(min=1e-300)
+    def __init__(self, dense_s: torch.Tensor, dm_s: torch.Tensor, m_ss: torch.Tensor, energy: torch.Tensor):
+        self.dense_s, self.dm_s, self.m_ss, self.energy = dense_s, dm_s, m_ss, energy
+
+    @classmethod
+    def of(cls, dense: torch.Tensor, stats: GramStats, cols: torch.Tensor, has_bias: bool) -> _Quadratic:
+        """For M = E[x x^T] of `stats`, augmented by the constant input 1 (last of `cols`, last column
+        of `dense`) when the layer has a bias."""
+        n = stats.n.clamp(min=1)
+        inner = cols[:-1] if has_bias else cols
+        m_cols = stats.gram[:, inner]  # a new tensor (index_select): divided in place
+        m_cols /= n
+        weight = dense[:, :-1] if has_bias else dense
+        wm = weight @ stats.gram
+        wm /= n
+        if has_bias:  # M_aug = [[M, mu], [mu^T, 1]]
+            mean, bias = stats.mean, dense[:, -1]
+            m_cols = torch.cat([torch.cat([m_cols, mean[:, None]], 1), torch.cat([mean[inner], torch.ones(1, dtype=mean.dtype)])[None, :]], 0)
+            wm += bias[:, None] * mean[None, :]
+            energy = (wm * weight).sum() + ((weight @ mean + bias) * bias).sum()
+        else:
+            energy = (wm * weight).sum()
+        return cls(dense[:, cols], dense @ m_cols, m_cols[cols], energy.clamp(min=1e-300))
+
+    def mix_(self, other: _Quadratic, share: float) -> _Quadratic:
+        """This quadratic becomes that of (1 - share) M + share M_other (in place: M is linear)."""
+        self.dm_s.mul_(1 - share).add_(other.dm_s, alpha=share)
+        self.m_ss.mul_(1 - share).add_(other.m_ss, alpha=share)
+        self.energy = self.energy * (1 - share) + other.energy * share
+        return self
 
     def relative_error(self, kept: torch.Tensor) -> float:
         cross = (kept * self.dm_s).sum()
@@ -88,7 +114,9 @@ class _Quadratic:
         scale = diag[ridged].mean() if ridged.any() else torch.tensor(1.0, dtype=diag.dtype)
         ridge = ridged.to(diag.dtype) * lam * scale
         rhs = self.dm_s + self.dense_s * ridge[None, :]
-        return torch.linalg.solve(self.m_ss + torch.diag(ridge), rhs.T).T  # the system is symmetric
+        system = self.m_ss.clone()
+        system.diagonal().add_(ridge)
+        return torch.linalg.solve(system, rhs.T).T  # the system is symmetric
 
 
 def split_augmented(augmented: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,14 +130,16 @@ def reconstruct_full(weight, bias, keep_cols, fit: GramStats, heldout: GramStats
     ridged = torch.ones(len(cols), dtype=torch.bool)
     if has_bias:
         ridged[-1] = False
-    on_fit = _Quadratic(dense, input_moment(fit, has_bias), cols)
-    on_heldout = _Quadratic(dense, input_moment(heldout, has_bias), cols)
+    on_fit = _Quadratic.of(dense, fit, cols, has_bias)
+    on_heldout = _Quadratic.of(dense, heldout, cols, has_bias)
     errors = {lam: on_heldout.relative_error(on_fit.ridge_fit(lam, ridged)) for lam in LAMBDAS}
     best = min(errors, key=errors.get)
     none_error = on_heldout.relative_error(dense[:, cols])
     if errors[best] >= none_error:  # no ridge beats the original weights on held-out tokens
         return Reconstruction(weight[:, keep_cols].to(torch.float64), bias, None, none_error, none_error)
-    refit = _Quadratic(dense, input_moment(fit + heldout, has_bias), cols).ridge_fit(best, ridged)
+    # all calibration tokens: the moment of fit + held-out is the token-weighted mix of the two
+    share = float(heldout.n) / max(float(fit.n + heldout.n), 1.0)
+    refit = on_fit.mix_(on_heldout, share).ridge_fit(best, ridged)
     w, b = split_augmented(refit, has_bias)
     return Reconstruction(w, b, best, errors[best], none_error)
 
@@ -125,7 +155,7 @@ def reconstruct_scale(weight, bias, keep_units, width, fit: GramStats, heldout: 
     w = weight.to(torch.float64)
     cols = unit_rows(keep_units, width)
     dense = augmented_weight(weight, bias)
-    on_heldout = _Quadratic(dense, input_moment(heldout, bias is not None), with_bias_column(cols, w.shape[1], bias is not None))
+    on_heldout = _Quadratic.of(dense, heldout, with_bias_column(cols, w.shape[1], bias is not None), bias is not None)
     bias_column = dense[:, w.shape[1] :]  # empty without a bias; scaling leaves the bias alone
 
     def error(scales: torch.Tensor) -> float:
@@ -169,6 +199,6 @@ def reconstruct(
     if mode == "none":
         dense = augmented_weight(weight, bias)
         kept = with_bias_column(cols, weight.shape[1], bias is not None)
-        error = _Quadratic(dense, input_moment(heldout, bias is not None), kept).relative_error(dense[:, kept])
+        error = _Quadratic.of(dense, heldout, kept, bias is not None).relative_error(dense[:, kept])
         return Reconstruction(weight[:, cols].to(torch.float64), bias, None, error, error)
     raise ValueError(f"unknown reconstruction {mode!r}; choose one of: {', '.join(MODES)}")

@@ -31,6 +31,7 @@ GRADS_PART = "grads"
 # 5: a folder with one file per site (stats_store.py)
 FORMAT_VERSION = 5
 Site = tuple[int, Kind]
+GRAM_ROWS = 2048  # rows of a batch's Gram product computed at once (bounds its temporaries)
 
 
 @dataclass
@@ -50,9 +51,12 @@ class GramStats:
         """Accumulate a (tokens x width) block of inputs."""
         x32 = x.detach().to(torch.float32)
         self.n += x32.shape[0]
-        # accumulators stay on the CPU; the in-place add converts as it goes, so no float64 copy
-        # of the product is made (for an 11008-wide FFN that copy alone is 1 GB)
-        self.gram.add_((x32.T @ x32).to(self.gram.device))
+        # a block of rows of the product at a time: adding a float32 product to the float64
+        # accumulator converts it to a float64 temporary, which for an 11008-wide FFN would be
+        # 1 GB besides the product's own 0.5 GB (accumulators stay on the CPU)
+        for start in range(0, x32.shape[1], GRAM_ROWS):
+            rows = slice(start, start + GRAM_ROWS)
+            self.gram[rows] += (x32[:, rows].T @ x32).to(self.gram.device)
         self.total += x32.sum(0, dtype=torch.float64).to(self.total.device)
 
     def __add__(self, other: GramStats) -> GramStats:
@@ -271,7 +275,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())  # the buffer itself, not a copy
     return digest.hexdigest()[:16]
 
 

@@ -34,17 +34,21 @@ def output_energy(w: UnitWeights, stats: GramStats, centered: bool, grads: GramS
     through every later block and norm). On SmolLM2 energy ranking removed all attention of
     layer 0 at budget 0.9 and multiplied perplexity by 6; with G it is 1.07 (README).
     """
-    moment = stats.second_moment
-    if centered:
-        mean = stats.mean
-        moment = moment - torch.outer(mean, mean)
+    # only the unit blocks of M (and its diagonal) are used: they are read from the Gram matrix
+    # directly, never a k x k copy of it (1 GB for an 11008-wide FFN)
+    n = stats.n.clamp(min=1)
     out = w.out.to(torch.float64)
     units, width = w.units, w.width
     blocks_w = out.reshape(out.shape[0], units, width).permute(1, 0, 2)  # units x d x width
     idx = torch.arange(units * width).reshape(units, width)
-    blocks_m = moment[idx[:, :, None], idx[:, None, :]]  # units x width x width
-    if prior:  # only the unit blocks of M are read: shrink those, not the whole k x k matrix
-        blocks_m = (1 - prior) * blocks_m + prior * moment.diagonal().mean() * torch.eye(width, dtype=moment.dtype)
+    blocks_m = stats.gram[idx[:, :, None], idx[:, None, :]] / n  # units x width x width
+    diagonal = stats.gram.diagonal() / n
+    if centered:
+        mean = stats.mean
+        blocks_m = blocks_m - mean[idx][:, :, None] * mean[idx][:, None, :]
+        diagonal = diagonal - mean * mean
+    if prior:  # shrink the unit blocks toward the layer's mean activity
+        blocks_m = (1 - prior) * blocks_m + prior * diagonal.mean() * torch.eye(width, dtype=blocks_m.dtype)
     if grads is None:
         gram_w = blocks_w.transpose(1, 2) @ blocks_w  # units x width x width
     else:
