@@ -94,7 +94,9 @@ def reconstruct_sites(adapter: Adapter, masks: Masks, calibration: Calibration, 
         if bool(mask.all()):
             continue  # nothing removed here: the dense weights are already the best fit
         w = adapter.unit_weights(*site)
-        out[site] = reconstruct(mode, w.out, w.bias, mask.nonzero().flatten(), w.width, calibration.fit[site], calibration.heldout[site])
+        # readers, not values: statistics stored on disk are read one Gram at a time
+        fit, heldout = calibration.fit.sites, calibration.heldout.sites
+        out[site] = reconstruct(mode, w.out, w.bias, mask.nonzero().flatten(), w.width, lambda: fit[site], lambda: heldout[site])
     return out
 
 

@@ -16,6 +16,7 @@ G here is the second moment E[x x^T] (the Gram matrix divided by n).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,23 @@ def with_bias_column(cols: torch.Tensor, inputs: int, has_bias: bool) -> torch.T
     return torch.cat([cols, torch.tensor([inputs])]) if has_bias else cols
 
 
+SUBMATRIX_ROWS = 1024
+
+
+def _submatrix(matrix: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """matrix[idx][:, idx], a block of rows at a time: indexing both axes at once builds |S|^2
+    int64 indices, and rows first a |S| x k copy (each 0.6-0.8 GB for a 7B FFN)."""
+    out = torch.empty(len(idx), len(idx), dtype=matrix.dtype)
+    for start in range(0, len(idx), SUBMATRIX_ROWS):
+        out[start : start + SUBMATRIX_ROWS] = matrix.index_select(0, idx[start : start + SUBMATRIX_ROWS]).index_select(1, idx)
+    return out
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) without the elementwise product as a temporary."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
 class _Quadratic:
     """E|D x - K x_S|^2 as a function of the kept weights K, for one input moment M = E[x x^T].
 
@@ -74,28 +92,31 @@ class _Quadratic:
     Gram matrix of a site's statistics without copying it whole (`of`): for an 11008-wide FFN a
     copy is 1 GB, and the refit would otherwise make several."""
 
-    def __init__(self, dense_s: torch.Tensor, dm_s: torch.Tensor, m_ss: torch.Tensor, energy: torch.Tensor):
-        self.dense_s, self.dm_s, self.m_ss, self.energy = dense_s, dm_s, m_ss, energy
+    def __init__(self, dense_s: torch.Tensor, dm_s: torch.Tensor, m_ss: torch.Tensor, energy: torch.Tensor, tokens: float):
+        self.dense_s, self.dm_s, self.m_ss, self.energy, self.tokens = dense_s, dm_s, m_ss, energy, tokens
 
     @classmethod
-    def of(cls, dense: torch.Tensor, stats: GramStats, cols: torch.Tensor, has_bias: bool) -> _Quadratic:
+    def of(cls, dense: torch.Tensor, stats: GramStats, cols: torch.Tensor, has_bias: bool, dense_s: torch.Tensor | None = None) -> _Quadratic:
         """For M = E[x x^T] of `stats`, augmented by the constant input 1 (last of `cols`, last column
-        of `dense`) when the layer has a bias."""
+        of `dense`) when the layer has a bias. Only M[S, S] and W M are formed from the Gram."""
         n = stats.n.clamp(min=1)
         inner = cols[:-1] if has_bias else cols
-        m_cols = stats.gram[:, inner]  # a new tensor (index_select): divided in place
-        m_cols /= n
         weight = dense[:, :-1] if has_bias else dense
         wm = weight @ stats.gram
         wm /= n
-        if has_bias:  # M_aug = [[M, mu], [mu^T, 1]]
+        m_ss = _submatrix(stats.gram, inner)
+        m_ss /= n
+        if has_bias:  # M_aug = [[M, mu], [mu^T, 1]], so W_aug M_aug = [W M + b mu^T, W mu + b]
             mean, bias = stats.mean, dense[:, -1]
-            m_cols = torch.cat([torch.cat([m_cols, mean[:, None]], 1), torch.cat([mean[inner], torch.ones(1, dtype=mean.dtype)])[None, :]], 0)
             wm += bias[:, None] * mean[None, :]
-            energy = (wm * weight).sum() + ((weight @ mean + bias) * bias).sum()
+            last = weight @ mean + bias
+            m_ss = torch.cat([torch.cat([m_ss, mean[inner][:, None]], 1), torch.cat([mean[inner], torch.ones(1, dtype=mean.dtype)])[None, :]], 0)
+            dm_s = torch.cat([wm[:, inner], last[:, None]], 1)
+            energy = _inner(wm, weight) + (last * bias).sum()
         else:
-            energy = (wm * weight).sum()
-        return cls(dense[:, cols], dense @ m_cols, m_cols[cols], energy.clamp(min=1e-300))
+            dm_s = wm[:, inner]
+            energy = _inner(wm, weight)
+        return cls(dense[:, cols] if dense_s is None else dense_s, dm_s, m_ss, energy.clamp(min=1e-300), float(stats.n))
 
     def mix_(self, other: _Quadratic, share: float) -> _Quadratic:
         """This quadratic becomes that of (1 - share) M + share M_other (in place: M is linear)."""
@@ -123,22 +144,30 @@ def split_augmented(augmented: torch.Tensor, has_bias: bool) -> tuple[torch.Tens
     return (augmented[:, :-1], augmented[:, -1]) if has_bias else (augmented, None)
 
 
-def reconstruct_full(weight, bias, keep_cols, fit: GramStats, heldout: GramStats) -> Reconstruction:
+Stats = GramStats | Callable[[], GramStats]
+
+
+def _read(stats: Stats) -> GramStats:
+    return stats() if callable(stats) else stats
+
+
+def reconstruct_full(weight, bias, keep_cols, fit: Stats, heldout: Stats) -> Reconstruction:
     has_bias = bias is not None
     dense = augmented_weight(weight, bias)
     cols = with_bias_column(keep_cols, weight.shape[1], has_bias)
     ridged = torch.ones(len(cols), dtype=torch.bool)
     if has_bias:
         ridged[-1] = False
-    on_fit = _Quadratic.of(dense, fit, cols, has_bias)
-    on_heldout = _Quadratic.of(dense, heldout, cols, has_bias)
+    # each Gram is read (when given as a reader) only while its quadratic is formed
+    on_fit = _Quadratic.of(dense, _read(fit), cols, has_bias)
+    on_heldout = _Quadratic.of(dense, _read(heldout), cols, has_bias, dense_s=on_fit.dense_s)
     errors = {lam: on_heldout.relative_error(on_fit.ridge_fit(lam, ridged)) for lam in LAMBDAS}
     best = min(errors, key=errors.get)
-    none_error = on_heldout.relative_error(dense[:, cols])
+    none_error = on_heldout.relative_error(on_fit.dense_s)
     if errors[best] >= none_error:  # no ridge beats the original weights on held-out tokens
         return Reconstruction(weight[:, keep_cols].to(torch.float64), bias, None, none_error, none_error)
     # all calibration tokens: the moment of fit + held-out is the token-weighted mix of the two
-    share = float(heldout.n) / max(float(fit.n + heldout.n), 1.0)
+    share = on_heldout.tokens / max(on_fit.tokens + on_heldout.tokens, 1.0)
     refit = on_fit.mix_(on_heldout, share).ridge_fit(best, ridged)
     w, b = split_augmented(refit, has_bias)
     return Reconstruction(w, b, best, errors[best], none_error)
@@ -151,7 +180,8 @@ def _unit_scale_system(weight: torch.Tensor, moment: torch.Tensor, width: int) -
     return per_column.reshape(units, width, units, width).sum((1, 3))
 
 
-def reconstruct_scale(weight, bias, keep_units, width, fit: GramStats, heldout: GramStats) -> Reconstruction:
+def reconstruct_scale(weight, bias, keep_units, width, fit: Stats, heldout: Stats) -> Reconstruction:
+    fit, heldout = _read(fit), _read(heldout)
     w = weight.to(torch.float64)
     cols = unit_rows(keep_units, width)
     dense = augmented_weight(weight, bias)
@@ -186,10 +216,12 @@ def reconstruct(
     bias: torch.Tensor | None,
     keep_units: torch.Tensor,
     width: int,
-    fit: GramStats,
-    heldout: GramStats,
+    fit: Stats,
+    heldout: Stats,
 ) -> Reconstruction:
-    """New output-projection weights for the kept units of one site."""
+    """New output-projection weights for the kept units of one site. `fit` and `heldout` are the
+    site's statistics, or functions that read them: a 7B model's FFN site has two 1 GB Grams,
+    which are then never in memory together."""
     keep_units = torch.as_tensor(keep_units, dtype=torch.long).sort().values
     cols = unit_rows(keep_units, width)
     if mode == "full":
@@ -199,6 +231,6 @@ def reconstruct(
     if mode == "none":
         dense = augmented_weight(weight, bias)
         kept = with_bias_column(cols, weight.shape[1], bias is not None)
-        error = _Quadratic.of(dense, heldout, kept, bias is not None).relative_error(dense[:, kept])
+        error = _Quadratic.of(dense, _read(heldout), kept, bias is not None).relative_error(dense[:, kept])
         return Reconstruction(weight[:, cols].to(torch.float64), bias, None, error, error)
     raise ValueError(f"unknown reconstruction {mode!r}; choose one of: {', '.join(MODES)}")

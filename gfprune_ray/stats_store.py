@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 from .errors import UserError, first_line
 from .models import Adapter
-from .stats import FORMAT_VERSION, GRADS_PART, GramStats, ModelStats, Site, empty_stats
+from .stats import FORMAT_VERSION, GRADS_PART, GramStats, ModelStats, Site, model_sites
 
 MANIFEST = "manifest.json"
 FIELDS = ("n", "gram", "total")
@@ -190,7 +190,8 @@ def load_stats(folder: str | Path, fingerprint: str | None, adapter: Adapter | N
     sites = [(int(layer), kind) for layer, kind in manifest["sites"]]
     tokens = manifest.get("tokens", {})
     if adapter is not None:
-        expected = {k: tuple(v.total.shape) for k, v in empty_stats(adapter).sites.items()}
+        geoms = adapter.geometries()  # shapes from the geometry: zero statistics of a 7B model would be 80 GB
+        expected = {(i, kind): (geoms[i].count(kind) * geoms[i].width(kind),) for i, kind in model_sites(geoms)}
         if set(sites) != set(expected):
             raise UserError(f"{folder}: statistics shapes do not match the model's layers")
         for site in sites:
