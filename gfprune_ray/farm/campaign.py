@@ -28,6 +28,10 @@ from ..reconstruct import MODES
 from ..search import SEARCHES
 from ..stats import parse_memory
 
+# Tasks on other nodes (and workers started in another directory) resolve a relative path
+# against their own working directory: the campaign holds only absolute ones.
+AbsolutePath = Annotated[Path, AfterValidator(lambda p: p.expanduser().absolute())]
+
 TASKS = ("auto", "embedding", "lm", "classification")
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6)
 # keys a models-file line may override, spelled as on the command line -> schema field
@@ -88,10 +92,10 @@ class Campaign(BaseModel):
     reconstruction: Annotated[str, _one_of(MODES, "reconstruction")] = "full"
     allocation: Annotated[str, _one_of(SEARCHES, "allocation")] = "global"
     workers: Positive = 1
-    out: Path = Path("runs/sweep")
+    out: Annotated[AbsolutePath, Field(validate_default=True)] = Path("runs/sweep")
     save_models: bool = True
     register_model: str | None = Field(None, min_length=1)  # --register: MLflow registered model that every saved pruned model becomes a version of
-    cache_dir: Path | None = None
+    cache_dir: AbsolutePath | None = None
     address: str | None = None
     tracking_uri: str | None = None
     latency_repeats: Annotated[int, Field(ge=0)] = 5  # 0: no latency measured
