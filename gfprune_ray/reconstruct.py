@@ -68,6 +68,13 @@ def with_bias_column(cols: torch.Tensor, inputs: int, has_bias: bool) -> torch.T
     return torch.cat([cols, torch.tensor([inputs])]) if has_bias else cols
 
 
+Stats = GramStats | Callable[[], GramStats]
+
+
+def _read(stats: Stats) -> GramStats:
+    return stats() if callable(stats) else stats
+
+
 SUBMATRIX_ROWS = 1024
 
 
@@ -80,9 +87,20 @@ def _submatrix(matrix: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b) without the elementwise product as a temporary."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+CROSS_ROWS = 512
+
+
+def _cross_terms(weight: torch.Tensor, gram: torch.Tensor, inner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W G)[:, inner] and sum((W G) * W), a block of W's rows at a time: the whole d x k product
+    W G is never formed (0.36 GB for a 7B FFN site)."""
+    cross = torch.empty(weight.shape[0], len(inner), dtype=gram.dtype)
+    energy = torch.zeros((), dtype=gram.dtype)
+    for start in range(0, weight.shape[0], CROSS_ROWS):
+        rows = weight[start : start + CROSS_ROWS]
+        block = rows @ gram
+        cross[start : start + CROSS_ROWS] = block[:, inner]
+        energy += torch.dot(block.reshape(-1), rows.reshape(-1))
+    return cross, energy
 
 
 class _Quadratic:
@@ -96,27 +114,29 @@ class _Quadratic:
         self.dense_s, self.dm_s, self.m_ss, self.energy, self.tokens = dense_s, dm_s, m_ss, energy, tokens
 
     @classmethod
-    def of(cls, dense: torch.Tensor, stats: GramStats, cols: torch.Tensor, has_bias: bool, dense_s: torch.Tensor | None = None) -> _Quadratic:
-        """For M = E[x x^T] of `stats`, augmented by the constant input 1 (last of `cols`, last column
-        of `dense`) when the layer has a bias. Only M[S, S] and W M are formed from the Gram."""
-        n = stats.n.clamp(min=1)
+    def of(cls, dense: torch.Tensor, stats: Stats, cols: torch.Tensor, has_bias: bool, dense_s: torch.Tensor | None = None) -> _Quadratic:
+        """For M = E[x x^T] of `stats` (or of what the reader `stats` returns), augmented by the
+        constant input 1 (last of `cols`, last column of `dense`) when the layer has a bias. Only
+        M[S, S] and W M[:, S] are formed, and a Gram read here is dropped as soon as they are."""
+        stats = _read(stats)
+        n, mean = stats.n.clamp(min=1), stats.mean
         inner = cols[:-1] if has_bias else cols
         weight = dense[:, :-1] if has_bias else dense
-        wm = weight @ stats.gram
-        wm /= n
         m_ss = _submatrix(stats.gram, inner)
         m_ss /= n
+        dm_s, energy = _cross_terms(weight, stats.gram, inner)
+        dm_s /= n
+        energy /= n
+        tokens = float(stats.n)
+        del stats  # a Gram read from disk (1 GB for a 7B FFN) goes here, before the bias terms
         if has_bias:  # M_aug = [[M, mu], [mu^T, 1]], so W_aug M_aug = [W M + b mu^T, W mu + b]
-            mean, bias = stats.mean, dense[:, -1]
-            wm += bias[:, None] * mean[None, :]
+            bias = dense[:, -1]
             last = weight @ mean + bias
+            energy += 2 * (bias * (weight @ mean)).sum() + (bias * bias).sum()
+            dm_s += bias[:, None] * mean[inner][None, :]
             m_ss = torch.cat([torch.cat([m_ss, mean[inner][:, None]], 1), torch.cat([mean[inner], torch.ones(1, dtype=mean.dtype)])[None, :]], 0)
-            dm_s = torch.cat([wm[:, inner], last[:, None]], 1)
-            energy = _inner(wm, weight) + (last * bias).sum()
-        else:
-            dm_s = wm[:, inner]
-            energy = _inner(wm, weight)
-        return cls(dense[:, cols] if dense_s is None else dense_s, dm_s, m_ss, energy.clamp(min=1e-300), float(stats.n))
+            dm_s = torch.cat([dm_s, last[:, None]], 1)
+        return cls(dense[:, cols] if dense_s is None else dense_s, dm_s, m_ss, energy.clamp(min=1e-300), tokens)
 
     def mix_(self, other: _Quadratic, share: float) -> _Quadratic:
         """This quadratic becomes that of (1 - share) M + share M_other (in place: M is linear)."""
@@ -130,25 +150,31 @@ class _Quadratic:
         return float((self.energy - 2 * cross + ((kept @ self.m_ss) * kept).sum()) / self.energy)
 
     def ridge_fit(self, lam: float, ridged: torch.Tensor) -> torch.Tensor:
-        """(W M[:, S] + W_S Lam) (M[S, S] + Lam)^-1 with Lam = lam * mean diag(M[S, S]) on ridged columns."""
+        """(W M[:, S] + W_S Lam) (M[S, S] + Lam)^-1 with Lam = lam * mean diag(M[S, S]) on ridged columns.
+
+        Solved by a Cholesky factorisation and two triangular solves, all in place: a general
+        solve copies both the system and the right-hand side (1 GB more for a 7B FFN site)."""
         diag = self.m_ss.diagonal()
         scale = diag[ridged].mean() if ridged.any() else torch.tensor(1.0, dtype=diag.dtype)
         ridge = ridged.to(diag.dtype) * lam * scale
         rhs = self.dm_s + self.dense_s * ridge[None, :]
         system = self.m_ss.clone()
         system.diagonal().add_(ridge)
-        return torch.linalg.solve(system, rhs.T).T  # the system is symmetric
+        # the system is symmetric, so its transpose is the same matrix in the column-major layout
+        # LAPACK factors in place; rhs.T is the |S| x d right-hand side, column-major as well
+        factor, info = system.mT, torch.empty((), dtype=torch.int32)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
+        if info.item() != 0:  # not positive definite to working precision (no ridge on a singular M)
+            system.copy_(self.m_ss).diagonal().add_(ridge)
+            return torch.linalg.solve(system, rhs.T).T
+        solution = rhs.T
+        torch.linalg.solve_triangular(factor, solution, upper=False, out=solution)
+        torch.linalg.solve_triangular(factor.mT, solution, upper=True, out=solution)
+        return rhs
 
 
 def split_augmented(augmented: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (augmented[:, :-1], augmented[:, -1]) if has_bias else (augmented, None)
-
-
-Stats = GramStats | Callable[[], GramStats]
-
-
-def _read(stats: Stats) -> GramStats:
-    return stats() if callable(stats) else stats
 
 
 def reconstruct_full(weight, bias, keep_cols, fit: Stats, heldout: Stats) -> Reconstruction:
@@ -159,8 +185,9 @@ def reconstruct_full(weight, bias, keep_cols, fit: Stats, heldout: Stats) -> Rec
     if has_bias:
         ridged[-1] = False
     # each Gram is read (when given as a reader) only while its quadratic is formed
-    on_fit = _Quadratic.of(dense, _read(fit), cols, has_bias)
-    on_heldout = _Quadratic.of(dense, _read(heldout), cols, has_bias, dense_s=on_fit.dense_s)
+    on_fit = _Quadratic.of(dense, fit, cols, has_bias)
+    on_heldout = _Quadratic.of(dense, heldout, cols, has_bias, dense_s=on_fit.dense_s)
+    del dense
     errors = {lam: on_heldout.relative_error(on_fit.ridge_fit(lam, ridged)) for lam in LAMBDAS}
     best = min(errors, key=errors.get)
     none_error = on_heldout.relative_error(on_fit.dense_s)
@@ -231,6 +258,6 @@ def reconstruct(
     if mode == "none":
         dense = augmented_weight(weight, bias)
         kept = with_bias_column(cols, weight.shape[1], bias is not None)
-        error = _Quadratic.of(dense, _read(heldout), kept, bias is not None).relative_error(dense[:, kept])
+        error = _Quadratic.of(dense, heldout, kept, bias is not None).relative_error(dense[:, kept])
         return Reconstruction(weight[:, cols].to(torch.float64), bias, None, error, error)
     raise ValueError(f"unknown reconstruction {mode!r}; choose one of: {', '.join(MODES)}")

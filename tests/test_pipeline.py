@@ -244,6 +244,42 @@ def test_bias_absorbs_the_mean_of_removed_units():
     assert gap > 1.0, "without reconstruction the removed mean is lost"
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_full_refit_is_the_ridge_solution_on_all_calibration_tokens(with_bias, monkeypatch):
+    """The returned weights are argmin_K E|D x - K x_S|^2 + lam mean(diag M_SS) |K - W_S|^2 over
+    fit + held-out samples, with the chosen lam and the bias unridged: solved here from the raw
+    samples by least squares on stacked rows. Blocks of one row, so that the row-block gathers
+    of the Gram are exercised across block edges."""
+    import gfprune_ray.reconstruct as rc
+
+    monkeypatch.setattr(rc, "CROSS_ROWS", 2)
+    monkeypatch.setattr(rc, "SUBMATRIX_ROWS", 3)
+    g = torch.Generator().manual_seed(5)
+    d, cols = 7, 10
+    weight = torch.randn(d, cols, generator=g, dtype=torch.float64)
+    bias = torch.randn(d, generator=g, dtype=torch.float64) if with_bias else None
+    # on a grid of quarters the float32 Gram products are exact, so the statistics hold exactly
+    # the samples' moments and the comparison can be tight
+    x_fit, x_held = (torch.round(4 * _correlated(n, cols, seed)) / 4 for n, seed in ((200, 3), (80, 4)))
+    keep = torch.tensor([0, 2, 3, 5, 8, 9])
+    rec = reconstruct("full", weight, bias, keep, 1, _stats(x_fit), _stats(x_held))
+    assert rec.lam is not None
+
+    x = torch.cat([x_fit, x_held])
+    inputs = torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=torch.float64)], 1) if with_bias else x[:, keep]
+    target = x @ weight.T + (bias if with_bias else 0)
+    kept_weights = weight[:, keep]
+    lam = rec.lam * float((x[:, keep] ** 2).mean(0).mean())
+    # sum over samples / n plus lam |K - W_S|^2 (bias column free) as one stacked least squares
+    rows = torch.cat([inputs / len(x) ** 0.5, torch.cat([lam**0.5 * torch.eye(len(keep), dtype=torch.float64),
+                                                         torch.zeros(len(keep), inputs.shape[1] - len(keep), dtype=torch.float64)], 1)])
+    targets = torch.cat([target / len(x) ** 0.5, lam**0.5 * kept_weights.T])
+    expected = torch.linalg.lstsq(rows, targets).solution.T
+    torch.testing.assert_close(rec.weight, expected[:, : len(keep)], atol=1e-9, rtol=1e-9)
+    if with_bias:
+        torch.testing.assert_close(rec.bias, expected[:, -1], atol=1e-9, rtol=1e-9)
+
+
 # ---- the real MiniLM ----------------------------------------------------------------------------
 
 

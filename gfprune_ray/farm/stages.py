@@ -269,8 +269,23 @@ def start_collectors(source: str, workers: int, long_lived: bool = False) -> lis
     """`workers` actors holding the model. Ray ends each once its handle is dropped and its
     calls have finished."""
     resources, threads = collector_resources(workers, long_lived)
-    # SPREAD: each actor holds a whole model, so they go to different nodes where they can
-    return [Collector.options(**resources, scheduling_strategy="SPREAD").remote(source, threads) for _ in range(workers)]
+    placements = actor_placements(workers, resources)
+    return [Collector.options(**resources, scheduling_strategy=where).remote(source, threads) for where in placements]
+
+
+def actor_placements(workers: int, resources: dict):
+    """Scheduling strategies that deal `workers` actors round-robin over the alive nodes able to
+    hold one: each actor holds a whole model, so they belong on different nodes. Ray's own SPREAD
+    is a hint that a busy cluster ignores (two actors on one node of two, seen in CI); a soft node
+    affinity still lets Ray place an actor elsewhere when its node is full."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    needed = {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0)}
+    nodes = sorted(n["NodeID"] for n in ray.nodes()
+                   if n.get("Alive") and all(n.get("Resources", {}).get(k, 0) >= v for k, v in needed.items()))
+    if not nodes:
+        return ["SPREAD"] * workers
+    return [NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) for i in range(workers)]
 
 
 def shard_batches(shards: list, batch_size: int) -> int:
