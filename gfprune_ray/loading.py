@@ -40,6 +40,13 @@ def resolve_model(source: str) -> str:
     return source
 
 
+def portable_source(source: str) -> str:
+    """The model source as a process in another directory (a Ray worker) can load it: a local
+    folder as an absolute path, a hub id as it is."""
+    resolved = resolve_model(source)
+    return str(Path(resolved).absolute()) if Path(resolved).exists() else resolved
+
+
 def _model_class(config) -> type:
     for name in config.architectures or []:
         cls = getattr(transformers, name, None)

@@ -26,7 +26,7 @@ from .data import (Examples, batches_fingerprint, evaluation_sources, mean_token
 from .errors import UserError, first_line
 from .evaluate import CorpusReferences, dense_counts, efficiency
 from .flops import check_budget
-from .loading import DTYPES, load_model
+from .loading import DTYPES, load_model, portable_source
 from .methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
 from .methods.surgeon import SHOTS
 from .methods.trained import CHECKPOINT_EVERY, STEPS_CPU
@@ -244,7 +244,7 @@ def _train(source: str, batches: list[dict], labels: list[int] | None, opts: Pru
     name = f"{opts.method}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
     storage = Path(out).absolute().parent / f".{Path(out).name}.train"
     schedule = Schedule(steps=opts.steps, budget=opts.budget, seed=opts.seed, checkpoint_every=opts.checkpoint_every)
-    job = TrainJob(source, opts.method, schedule, with_labels(batches, labels), seq_len, name, str(storage), threads=os.cpu_count() or 1)
+    job = TrainJob(portable_source(source), opts.method, schedule, with_labels(batches, labels), seq_len, name, str(storage), threads=os.cpu_count() or 1)
     started = not ray.is_initialized()
     stages.connect()
     try:

@@ -80,6 +80,10 @@ def connect(address: str | None = None) -> None:
     """Attach to the Ray cluster at `address` (or RAY_ADDRESS); else start an embedded one."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray Train's controller looks at its workers every 2 s by default, and a checkpoint or the
+    # end of training waits for that look: a short CoFi run spent half its time waiting (measured:
+    # 35 s of training at 2 s, 20 s at 0.2 s). Workers inherit this in an embedded cluster.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if ray.is_initialized():
         return
     common = {"logging_level": logging.WARNING, "log_to_driver": False}
