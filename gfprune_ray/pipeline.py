@@ -17,8 +17,8 @@ import torch
 from .curvature import Curvature, collect_curvature
 from .data import heldout_flags
 from .flops import check_budget
-from .methods import get_method
-from .methods import surgeon
+from .memory import release_memory
+from .methods import get_method, surgeon
 from .models import Adapter, adapter_for
 from .reconstruct import MODES, Reconstruction, reconstruct
 from .search import SEARCHES, Masks, Site
@@ -97,6 +97,7 @@ def reconstruct_sites(adapter: Adapter, masks: Masks, calibration: Calibration, 
         # readers, not values: statistics stored on disk are read one Gram at a time
         fit, heldout = calibration.fit.sites, calibration.heldout.sites
         out[site] = reconstruct(mode, w.out, w.bias, mask.nonzero().flatten(), w.width, lambda: fit[site], lambda: heldout[site])
+        release_memory()  # a 7B FFN site's refit frees ~2 GB of temporaries: not kept for the next
     return out
 
 
@@ -136,6 +137,7 @@ def plan(
     if scores is None:
         scores = score_sites(adapter, calibration.total, method, seed, calibration.grads)
     timings["score_s"] = time.perf_counter() - start
+    release_memory()
     start = time.perf_counter()
     masks = search_masks(scores, adapter, budget, calibration.seq_len, allocation)
     timings["search_s"] = time.perf_counter() - start
@@ -174,6 +176,7 @@ def surgeon_shot(
     current = {site: state.site_weights(site, dense_weights[site]) for site in state.sites()}
     costs = {site: surgeon.unit_costs(w, curvature[site]) for site, w in current.items()}
     timings["score_s"] = time.perf_counter() - start
+    release_memory()
     start = time.perf_counter()
     local = surgeon.shot_masks(costs, state, dense_geoms, target, seq_len)
     timings["search_s"] = time.perf_counter() - start

@@ -21,17 +21,17 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from . import __version__
-from .data import (Examples, batches_fingerprint, evaluation_sources, mean_tokens_per_sequence, read_examples, split_examples, tokenize,
-                   with_labels)
+from .curvature import collect_curvature
+from .data import Examples, batches_fingerprint, evaluation_sources, mean_tokens_per_sequence, read_examples, split_examples, tokenize, with_labels
 from .errors import UserError, first_line
 from .evaluate import CorpusReferences, dense_counts, efficiency
 from .flops import check_budget
 from .loading import DTYPES, load_model, portable_source
+from .memory import release_memory
 from .methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
 from .methods.surgeon import SHOTS
 from .methods.trained import CHECKPOINT_EVERY, STEPS_CPU
 from .models import adapter_for
-from .curvature import collect_curvature
 from .outputs import check_writable_folder, scratch_folder, staged_output
 from .packaged import cache_root
 from .pipeline import Calibration, calibrate, mark_heldout, plan, plan_llm_surgeon
@@ -166,6 +166,7 @@ def collect_in_passes(adapter, batches: list[dict], groups: list[list], folder: 
                 write_site(folder, site, {"fit": curvature.fit[site], "heldout": curvature.heldout[site], GRADS_PART: curvature.grads[site]}, fingerprint)
             tokens = {"fit": curvature.fit.tokens, "heldout": curvature.heldout.tokens, GRADS_PART: curvature.grads.tokens}
             del curvature
+            release_memory()
     finish(folder, fingerprint, [s for g in groups for s in g], tokens)
 
 
@@ -220,6 +221,7 @@ def _plan(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | N
         start = time.perf_counter()
         calibration, fingerprint, reused = obtain_statistics(adapter, batches, opts, stats_path, scratch)
         timings["collect_s"] = time.perf_counter() - start
+        release_memory()
         result = plan(adapter, calibration, opts.budget, opts.method, opts.reconstruction, opts.allocation, opts.seed)
     timings.update(result.timings)
     record = {"stats_fingerprint": fingerprint, "stats_reused": reused, "calibration_tokens": calibration.total.tokens, "mean_seq_len": calibration.seq_len}

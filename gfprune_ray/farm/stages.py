@@ -36,6 +36,7 @@ from ..curvature import collect_curvature
 from ..errors import UserError, first_line
 from ..evaluate import CorpusReferences, dense_counts, efficiency
 from ..methods import get_method
+from ..memory import release_memory
 from ..methods.surgeon import SurgeonState
 from ..models import BlockGeometry, UnitWeights, adapter_for
 from ..outputs import staged_output
@@ -197,6 +198,7 @@ class Collector:
         """(fit, heldout) input statistics and the output curvature of each of `sites` (one group
         of a model's sites: a pass holds only theirs), for the scoring methods; the curvature's
         targets are seeded per example, so shards add up exactly."""
+        release_memory()  # the previous group's statistics, gone to the object store
         start = time.perf_counter()
         c = collect_curvature(self.adapter, self._batches(shard_ds, batch_size, counter), seed, sites=sites)
         seconds = time.perf_counter() - start
@@ -360,6 +362,7 @@ def load_site(folder: str, site: Site) -> tuple[Timed | None, str | None]:
 @ray.remote(**PER_SITE)
 def score_site(method: str, weights: UnitWeights, pair: Timed, seed: int, site: Site) -> Timed:
     set_threads(1)
+    release_memory()  # what an earlier task on this worker freed (see memory.py)
     start = time.perf_counter()
     fit, held, grads = pair.value
     scores = get_method(method)(weights, fit + held, site_generator(seed, site), grads=grads)
@@ -377,6 +380,7 @@ def search(allocation: str, budget: float, seq_len: float, geometries: list[Bloc
 def reconstruct_site(mode: str, masks: Timed, site: Site, weights: UnitWeights, pair: Timed) -> Timed:
     """New weights for one site, or None where the masks keep every unit of it."""
     set_threads(1)
+    release_memory()
     start = time.perf_counter()
     keep = masks.value.keep[site]
     result = None
