@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--budget", default="0.7")
+    p.add_argument("--stats-memory", default=None, help="passed to both commands (default: theirs)")
     p.add_argument("--out", type=Path, default=RESULTS / "llama7b_layers.json")
     return p.parse_args()
 
@@ -131,7 +132,7 @@ def run(command: list[str], env: dict) -> dict:
 
 def common(args: argparse.Namespace) -> list[str]:
     return ["--data", "pydoc", "--samples", str(args.samples), "--eval-samples", str(args.eval_samples), "--seq-len", str(args.seq_len),
-            "--batch-size", "8", "--latency-repeats", "0"]
+            "--batch-size", "8", "--latency-repeats", "0", *(["--stats-memory", args.stats_memory] if args.stats_memory else [])]
 
 
 def bench_prune(model: Path, work: Path, args, env) -> dict:
@@ -178,7 +179,7 @@ def main() -> None:
                 print(f"{layers} layers: {command} ...", file=sys.stderr, flush=True)
                 result = bench(work / "model", work / command, args, env)
                 peak = max(p["peak_bytes"] for p in result["processes"])
-                rows.append({"layers": layers, "command": command, **sizes, "layer_stats_bytes": layer_stats_bytes(), "target_bytes": budget_bytes,
+                rows.append({"layers": layers, "command": command, "stats_memory": args.stats_memory or "default", **sizes, "layer_stats_bytes": layer_stats_bytes(), "target_bytes": budget_bytes,
                              "peak_bytes": peak, "target_met": peak <= budget_bytes, **result})
                 print(f"  {result['wall_s']:.0f} s, peak {peak / 1e9:.2f} GB (target {budget_bytes / 1e9:.2f} GB)", file=sys.stderr, flush=True)
     print_table(rows)
@@ -190,12 +191,12 @@ def main() -> None:
 
 def print_table(rows: list[dict]) -> None:
     gb = lambda b: f"{b / 1e9:.2f}"
-    print("| layers | command | wall s | weights GB (bf16) | one layer's stats GB | peak GB (process) | target GB | met | stage seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| layers | command | --stats-memory | wall s | weights GB (bf16) | one layer's stats GB | peak GB (process) | target GB | met | stage seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         top = r["processes"][0]
         stages = ", ".join(f"{k.removesuffix('_s')} {v:.0f}" for k, v in r["timings"].items() if v and v >= 0.5)
-        print(f"| {r['layers']} | {r['command']} | {r['wall_s']:.0f} | {gb(r['weights_bytes'])} | {gb(r['layer_stats_bytes'])} | "
+        print(f"| {r['layers']} | {r['command']} | {r['stats_memory']} | {r['wall_s']:.0f} | {gb(r['weights_bytes'])} | {gb(r['layer_stats_bytes'])} | "
               f"{gb(r['peak_bytes'])} ({top['process']}) | {gb(r['target_bytes'])} | {'yes' if r['target_met'] else 'NO'} | {stages} |")
     print()
     print("Every process above 100 MB:")

@@ -93,8 +93,10 @@ def test_a_sweep_spreads_over_two_nodes_and_equals_an_embedded_run(two_nodes, tm
             nodes_of[task.name].add(task.node_id)
     collectors = {a.node_id for a in list_actors(address=dashboard, detail=True, raise_on_missing_output=False) if a.class_name == "Collector"}
     assert len(collectors) == 2 and len(nodes_of["Collector.collect"]) == 2, (collectors, dict(nodes_of))
-    for name in PER_SITE:
-        assert len(nodes_of[name]) == 2, f"{name} ran on {len(nodes_of[name])} node(s): {dict(nodes_of)}"
+    # per-site tasks go out with Ray's SPREAD, a best-effort hint: under load one kind of them
+    # (4 score tasks here) can land on one node, so the check is on all of them together
+    per_site = set().union(*(nodes_of[name] for name in PER_SITE))
+    assert len(per_site) == 2, f"per-site tasks ran on {len(per_site)} node(s): {dict(nodes_of)}"
 
     cluster, local = _unit_metrics(ws / "cluster.db"), _unit_metrics(ws / "embedded.db")
     assert sorted(cluster) == ["gfp@0.5", "gfp@0.8", "magnitude@0.5", "magnitude@0.8"] and sorted(local) == sorted(cluster)
