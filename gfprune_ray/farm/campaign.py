@@ -29,7 +29,7 @@ from ..search import SEARCHES
 from ..stats import parse_memory
 
 # Tasks on other nodes (and workers started in another directory) resolve a relative path
-# against their own working directory: the campaign holds only absolute ones.
+# against their own working directory: the campaign holds --out only as an absolute path.
 AbsolutePath = Annotated[Path, AfterValidator(lambda p: p.expanduser().absolute())]
 
 TASKS = ("auto", "embedding", "lm", "classification")
@@ -95,7 +95,7 @@ class Campaign(BaseModel):
     out: Annotated[AbsolutePath, Field(validate_default=True)] = Path("runs/sweep")
     save_models: bool = True
     register_model: str | None = Field(None, min_length=1)  # --register: MLflow registered model that every saved pruned model becomes a version of
-    cache_dir: AbsolutePath | None = None
+    cache_dir: Path | None = None
     address: str | None = None
     tracking_uri: str | None = None
     latency_repeats: Annotated[int, Field(ge=0)] = 5  # 0: no latency measured
@@ -149,9 +149,9 @@ class Campaign(BaseModel):
         return _digest({"experiment": self.experiment})
 
     def stats_dir(self) -> Path:
-        if self.cache_dir is not None:
-            return self.cache_dir
-        return Path(os.environ.get("GFPRUNE_RAY_CACHE", Path.home() / ".cache" / "gfprune-ray")) / "stats"
+        """The statistics cache, absolute: per-site tasks write it from their own directories."""
+        base = self.cache_dir if self.cache_dir is not None else Path(os.environ.get("GFPRUNE_RAY_CACHE", Path.home() / ".cache" / "gfprune-ray")) / "stats"
+        return base.expanduser().absolute()
 
 
 class Unit:

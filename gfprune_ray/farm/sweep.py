@@ -220,11 +220,11 @@ class Sweep:
     def _eval_spec(self, unit: Unit, work: ModelWork) -> stages.EvalSpec:
         c = self.c
         save = c.save_models and unit.key not in self.remeasure  # a unit measured again has its model saved already
-        folder = str(self._model_folder(unit).absolute()) if save else None  # absolute: workers run elsewhere
+        folder = str(self._model_folder(unit)) if save else None  # absolute (Campaign.out): workers run elsewhere
         return stages.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, folder, self._record(unit, work))
 
     def _train_storage(self) -> Path:
-        return (self.c.out / ".train").absolute()
+        return self.c.out / ".train"
 
     def _track(self, stage: str, refs: list) -> None:
         self.stage_refs[stage].extend(refs)
