@@ -43,7 +43,7 @@ from ..outputs import staged_output
 from ..pipeline import site_generator, surgeon_model
 from ..reconstruct import reconstruct
 from ..search import SEARCHES, Site
-from ..stats import GRADS_PART, model_sites, weights_fingerprint
+from ..stats import GRADS_PART, STATS_MEMORY_SHARE, model_sites, weights_fingerprint
 from ..stats_store import DamagedStats, read_site, write_site
 from ..surgery import apply_pruning, save_pruned
 from .ray_data import iter_torch_batches, shard
@@ -320,12 +320,14 @@ def submit_collection(source: str, data, groups: list[list[Site]], workers: int,
 
 
 def default_stats_memory(workers: int) -> int:
-    """Statistics bytes per collection actor when --stats-memory is not given: a quarter of the
-    memory Ray gives tasks on the smallest node, shared by the actors that node may hold."""
+    """Statistics bytes per collection actor when --stats-memory is not given: the share of memory
+    `prune` takes (an eighth) of the memory Ray gives tasks on the smallest node, shared by the
+    actors that node may hold. An actor holds its pass's statistics and, while it returns them,
+    their copy in the object store; the model and the per-site tasks need the rest."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     memory = min(n.get("Resources", {}).get("memory", 0) for n in nodes)
     per_node = -(-workers // max(1, len(nodes)))
-    return max(1, int(memory) // 4 // per_node)
+    return max(1, int(memory) // STATS_MEMORY_SHARE // per_node)
 
 
 # ---- the statistics cache (on the driver's node) ------------------------------------------
