@@ -20,6 +20,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # that takes seconds alone took over 5 minutes next to a busy process. One thread is plenty here.
 torch.set_num_threads(1)
 
+
+
+def pytest_runtest_logreport(report) -> None:
+    """With GFPRUNE_TEST_TIMES=FILE, each test phase's seconds are appended to FILE as it ends
+    (tab-separated: seconds, phase, test), so a suite stopped by a time limit still leaves them."""
+    times = os.environ.get("GFPRUNE_TEST_TIMES")
+    if times:
+        with open(times, "a") as out:
+            out.write(f"{report.duration:.2f}\t{report.when}\t{report.nodeid}\n")
+
+
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, max_position_embeddings=64)
 
