@@ -177,6 +177,8 @@ def sweep(
     checkpoint_every: int | None = typer.Option(None, help=CHECKPOINT_HELP, show_default=str(CHECKPOINT_EVERY)),
     stats_memory: str | None = typer.Option(None, help=STATS_MEMORY_HELP + " Per collection actor.",
                                             show_default="an eighth of the smallest node's memory, shared by its actors"),
+    dtype: str | None = typer.Option(None, help="Load the models in float32, bfloat16 or float16 and save them so (a models-file line "
+                                     "may say dtype=...; not for cofi, flop); statistics still add up in float64.", show_default="each checkpoint's dtype"),
 ) -> None:
     """Prune many models at many MACs budgets on Ray; record every result in MLflow.
 
@@ -192,7 +194,7 @@ def sweep(
         "reconstruction": reconstruct, "allocation": allocation, "workers": workers, "out": out, "experiment": experiment,
         "address": address, "tracking_uri": tracking_uri, "save_models": save_models, "register_model": register, "cache_dir": cache_dir,
         "latency_repeats": latency_repeats, "shots": shots, "steps": steps,
-        "checkpoint_every": checkpoint_every, "stats_memory": stats_memory,
+        "checkpoint_every": checkpoint_every, "stats_memory": stats_memory, "dtype": dtype,
     }
     campaign = _run(lambda: load_campaign(config, models, **options))
     result = _run(lambda: run_sweep(campaign))

@@ -265,6 +265,29 @@ def test_sweep_results_equal_the_single_process_prune(swept, ws, tmp_path):
     assert [list(s) for s in adapter_for(saved).sizes()] == [list(s) for s in adapter_for(single).sizes()]
 
 
+def test_sweep_dtype_prunes_and_saves_in_that_dtype_like_the_single_process_prune(local_ray, ws, tmp_path):
+    from safetensors.torch import load_file
+
+    save_tiny(tmp_path / "llama", "llama", 0, make_tokenizer(tmp_path))
+    models = tmp_path / "models.txt"
+    models.write_text("llama\nllama dtype=float16\n")  # the campaign's dtype, then a line's own
+    campaign = load_campaign(models=models, budgets=[0.5], methods=["gfp"], data=str(ws.data), samples=40, eval_samples=20, seq_len=16,
+                             batch_size=8, out=tmp_path / "out", experiment="dtype", latency_repeats=0, dtype="bfloat16",
+                             tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", cache_dir=tmp_path / "cache")
+    result = run_sweep(campaign)
+    assert not result.failures, result.failures
+    records = {r["model"]: r for r in result.records}
+    for name, dtype in (("llama", torch.bfloat16), ("llama-2", torch.float16)):
+        saved = load_file(str(campaign.out / name / "gfp-0.5" / "model.safetensors"))
+        assert {t.dtype for t in saved.values() if t.is_floating_point()} == {dtype}, name
+        assert json.loads((campaign.out / name / "gfp-0.5" / "gfprune.json").read_text())["options"]["dtype"] == str(dtype).removeprefix("torch.")
+    assert len(list((tmp_path / "cache").glob("*/manifest.json"))) == 2, "each dtype's statistics are its own"
+    opts = PruneOptions(budget=0.5, method="gfp", samples=40, eval_samples=20, seq_len=16, batch_size=8, latency_repeats=0, dtype="bfloat16")
+    report = prune_model(str(tmp_path / "llama"), str(ws.data), opts, tmp_path / "single")
+    assert float(records["llama"]["relative_quality"]) == pytest.approx(report["metrics"]["relative_quality"], abs=1e-6)
+    assert float(records["llama"]["params"]) == report["metrics"]["params"]
+
+
 def test_sweep_llm_surgeon_equals_the_single_process_prune(swept, ws, tmp_path):
     """Two shots as farm rounds (2 actors, per-site tasks) give the single process's model."""
     campaign, result, _ = swept

@@ -115,6 +115,8 @@ def test_a_campaign_killed_mid_way_resumes_to_the_uninterrupted_result(ws):
         ("tiny-bert\n", ["--budgets", "half"], "--budgets expects comma-separated numbers"),
         ("tiny-bert\n", ["--data", "missing.txt"], "data not found: missing.txt"),
         ("tiny-bert\n", ["--eval-data", "pydoc,missing-eval.txt"], "data not found: missing-eval.txt"),
+        ("tiny-bert dtype=half\n", [], "models.txt:1: dtype: unknown dtype 'half'; choose one of: float32, bfloat16, float16"),
+        ("tiny-bert\n", ["--dtype", "bfloat16", "--methods", "gfp,cofi"], "dtype does not apply to cofi"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(ws, tmp_path, models, extra, message):

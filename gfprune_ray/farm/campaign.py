@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import UserError, first_line
-from ..loading import PACKAGED_PREFIX, looks_like_path
+from ..loading import DTYPES, PACKAGED_PREFIX, looks_like_path
 from ..methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
 from ..methods.surgeon import SHOTS
 from ..methods.trained import CHECKPOINT_EVERY, STEPS_CPU
@@ -35,7 +35,7 @@ AbsolutePath = Annotated[Path, AfterValidator(lambda p: p.expanduser().absolute(
 TASKS = ("auto", "embedding", "lm", "classification")
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6)
 # keys a models-file line may override, spelled as on the command line -> schema field
-LINE_KEYS = {"budgets": "budgets", "method": "methods", "seq-len": "seq_len", "task": "task"}
+LINE_KEYS = {"budgets": "budgets", "method": "methods", "seq-len": "seq_len", "task": "task", "dtype": "dtype"}
 
 
 def _one_of(allowed, what: str):
@@ -50,6 +50,7 @@ def _one_of(allowed, what: str):
 Budget = Annotated[float, Field(gt=0, le=1, description="fraction of prunable MACs kept")]
 Method = Annotated[str, _one_of(METHOD_NAMES, "method")]
 Positive = Annotated[int, Field(ge=1)]
+Dtype = Annotated[str, _one_of(DTYPES, "dtype")]
 # evaluation corpora: a list, or one comma-separated string as on the command line
 Sources = Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(lambda v: [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v)]
 
@@ -64,6 +65,7 @@ class ModelEntry(BaseModel):
     methods: list[Method] | None = Field(None, min_length=1)
     seq_len: Positive | None = None
     task: Literal[TASKS] = "auto"  # type: ignore[valid-type]
+    dtype: Dtype | None = None
 
     @property
     def name(self) -> str:
@@ -104,6 +106,17 @@ class Campaign(BaseModel):
     checkpoint_every: Positive = CHECKPOINT_EVERY  # cofi, flop: steps between checkpoints
     # bytes of statistics one collection actor holds in a pass ('6GB', '512MB'); None: from the nodes
     stats_memory: Annotated[int | None, BeforeValidator(lambda v: parse_memory(str(v)) if v is not None else None)] = None
+    dtype: Dtype | None = None  # the models' dtype (a models-file line may override it); None: each checkpoint's own
+
+    @model_validator(mode="after")
+    def _dtype_applies(self) -> Campaign:
+        """cofi and flop train in the checkpoint's dtype, as `prune` says: a dtype asked for a
+        model they run on is refused before any work, not ignored."""
+        for entry in self.models:
+            trained = [m for m in (entry.methods or self.methods) if m in TRAINED_METHODS]
+            if (entry.dtype or self.dtype) and trained:
+                raise ValueError(f"dtype does not apply to {', '.join(trained)} ({entry.source}): they train in the checkpoint's dtype")
+        return self
 
     def reconstruction_of(self, method: str) -> str:
         """llm-surgeon writes its own weights (correlated updates), cofi and flop train theirs; the
@@ -142,6 +155,9 @@ class Campaign(BaseModel):
     def seq_len_of(self, entry: ModelEntry) -> int:
         return entry.seq_len or self.seq_len
 
+    def dtype_of(self, entry: ModelEntry) -> str | None:
+        return entry.dtype or self.dtype
+
     @property
     def key(self) -> str:
         """A campaign lives in its MLflow experiment: rerunning into the same experiment resumes
@@ -168,6 +184,8 @@ class Unit:
             "reconstruction": campaign.reconstruction_of(method),
             **{k: getattr(campaign, k) for k in ("data", "samples", "eval_samples", "seed", "allocation")},
             **campaign.method_options(method),
+            # only when asked: the keys of campaigns that never gave a dtype stay as they were
+            **({"dtype": campaign.dtype_of(entry)} if campaign.dtype_of(entry) else {}),
         })
 
     @property

@@ -129,10 +129,10 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _load(source: str):
+def _load(source: str, dtype: str | None = None):
     from ..loading import load_model
 
-    model, tokenizer = load_model(source)
+    model, tokenizer = load_model(source, dtype=dtype)
     return adapter_for(model), tokenizer
 
 
@@ -154,22 +154,22 @@ class ModelInfo:
 
 
 @ray.remote(num_cpus=1)
-def describe(source: str) -> ModelInfo:
-    adapter, _ = _load(source)
+def describe(source: str, dtype: str | None = None) -> ModelInfo:
+    adapter, _ = _load(source, dtype)
     geoms = adapter.geometries()
     sites = model_sites(geoms)
     return ModelInfo(weights_fingerprint(adapter.model), geoms, sites, adapter.max_positions(), type(adapter.model).__name__)
 
 
 @ray.remote(num_cpus=1)
-def site_weights(source: str, sites: list[Site]) -> tuple[UnitWeights, ...]:
-    adapter, _ = _load(source)
+def site_weights(source: str, sites: list[Site], dtype: str | None = None) -> tuple[UnitWeights, ...]:
+    adapter, _ = _load(source, dtype)
     weights = tuple(adapter.unit_weights(*site) for site in sites)
     return weights if len(weights) > 1 else weights[0]
 
 
-def submit_site_weights(source: str, sites: list[Site]) -> dict[Site, ray.ObjectRef]:
-    return dict(zip(sites, ref_list(site_weights.options(num_returns=len(sites)).remote(source, sites), len(sites))))
+def submit_site_weights(source: str, sites: list[Site], dtype: str | None = None) -> dict[Site, ray.ObjectRef]:
+    return dict(zip(sites, ref_list(site_weights.options(num_returns=len(sites)).remote(source, sites, dtype), len(sites))))
 
 
 # ---- collect and reduce --------------------------------------------------------------------
@@ -182,9 +182,9 @@ class Collector:
     Every call is a pure function of its arguments (no state carries over between calls), so
     when the actor dies Ray restarts it and re-runs the call, and the result is still exact."""
 
-    def __init__(self, source: str, threads: float):
+    def __init__(self, source: str, threads: float, dtype: str | None = None):
         set_threads(threads)
-        self.adapter, _ = _load(source)
+        self.adapter, _ = _load(source, dtype)
         self.adapter.model.to(_device())
 
     def _batches(self, shard_ds, batch_size: int, counter):
@@ -271,12 +271,12 @@ def collector_resources(workers: int, long_lived: bool = False) -> tuple[dict, i
     return {"num_cpus": 0 if long_lived else 1}, max(1, share - 1 if long_lived else share)
 
 
-def start_collectors(source: str, workers: int, long_lived: bool = False) -> list:
+def start_collectors(source: str, workers: int, long_lived: bool = False, dtype: str | None = None) -> list:
     """`workers` actors holding the model. Ray ends each once its handle is dropped and its
     calls have finished."""
     resources, threads = collector_resources(workers, long_lived)
     placements = actor_placements(workers, resources)
-    return [Collector.options(**resources, scheduling_strategy=where).remote(source, threads) for where in placements]
+    return [Collector.options(**resources, scheduling_strategy=where).remote(source, threads, dtype) for where in placements]
 
 
 def actor_placements(workers: int, resources: dict) -> list:
@@ -300,7 +300,7 @@ def shard_batches(shards: list, batch_size: int) -> int:
 
 
 def submit_collection(source: str, data, groups: list[list[Site]], workers: int, batch_size: int, seed: int = 0, counter=None,
-                      actors: list | None = None) -> tuple[dict[Site, ray.ObjectRef], int]:
+                      actors: list | None = None, dtype: str | None = None) -> tuple[dict[Site, ray.ObjectRef], int]:
     """Collect on disjoint shards, one per actor (started here unless given), one pass per group
     of sites. Returns one reduced (fit, heldout, grads) ref per site and the number of batches the
     actors will report to `counter`.
@@ -310,7 +310,7 @@ def submit_collection(source: str, data, groups: list[list[Site]], workers: int,
     comes before the actors start: on a small machine actors holding every CPU would leave those
     tasks waiting forever."""
     shards = shard(data, len(actors) if actors else workers)
-    actors = actors or start_collectors(source, len(shards))
+    actors = actors or start_collectors(source, len(shards), dtype=dtype)
     reduced = {}
     for group in groups:
         partials = [ref_list(actor.collect.options(num_returns=len(group)).remote(part, batch_size, seed, group, counter), len(group))
@@ -404,11 +404,11 @@ def _batches_and_labels(eval_data, batch_size: int) -> tuple[list[dict], list[in
 
 
 @ray.remote(num_cpus=1)
-def reference(source: str, corpora: dict, calibration: str, batch_size: int, task: str) -> CorpusReferences:
+def reference(source: str, corpora: dict, calibration: str, batch_size: int, task: str, dtype: str | None = None) -> CorpusReferences:
     """The dense model's scores on every evaluation corpus (label -> tokenized dataset), computed
     once per model and shared by all its units."""
     set_threads(1)
-    adapter, _ = _load(source)
+    adapter, _ = _load(source, dtype)
     data = {label: _batches_and_labels(ds, batch_size) for label, ds in corpora.items()}
     return CorpusReferences.build(adapter.model, adapter, data, calibration, task=task)
 
@@ -421,6 +421,7 @@ class EvalSpec:
     latency_repeats: int
     folder: str | None  # where the pruned model goes (None: not saved)
     record: dict  # written as gfprune.json beside a saved model
+    dtype: str | None = None  # the model's dtype as the campaign loads it (None: the checkpoint's)
 
 
 @ray.remote(num_cpus=1)
@@ -429,7 +430,7 @@ def evaluate_unit(spec: EvalSpec, ref: CorpusReferences, masks: Timed, *recs: Ti
     `timings` (seconds of stages that ran before, e.g. LLM Surgeon's shots) replace the defaults."""
     set_threads(1)
     start = time.perf_counter()
-    dense, tokenizer = _load(spec.source)
+    dense, tokenizer = _load(spec.source, spec.dtype)
     counts = dense_counts(dense, spec.latency_seq_len)
     kept = masks.value.kept_fraction(dense.geometries(), spec.record["mean_seq_len"])
     # latency times both models side by side; without it the dense model is cut in place (one copy)

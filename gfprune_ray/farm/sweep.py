@@ -122,9 +122,9 @@ class Sweep:
     def prepare(self, work: ModelWork, calib_rows: list[dict], eval_rows: dict[str, list[dict]]) -> None:
         """Everything up to submitting the model's units; raises on a model that cannot be used.
         `eval_rows`: label -> evaluation rows of each corpus, the calibration data's first."""
-        source, seq_len = work.entry.source, self.c.seq_len_of(work.entry)
+        source, seq_len, dtype = work.entry.source, self.c.seq_len_of(work.entry), self.c.dtype_of(work.entry)
         work.started_ms = int(time.time() * 1000)
-        work.info = ray.get(stages.describe.remote(source))
+        work.info = ray.get(stages.describe.remote(source, dtype))
         if work.info.max_positions is not None and seq_len > work.info.max_positions:
             raise UserError(f"seq-len {seq_len} exceeds the {work.info.max_positions} positions this model supports")
         calib = tokenize_rows(calib_rows, source, seq_len, self.c.batch_size)
@@ -136,7 +136,7 @@ class Sweep:
         shards = None
         if work.units_of("surgeon"):  # its actors serve every shot, so they outlive one collection
             shards = shard(calib, self.c.workers)  # Ray Data tasks: before any actor takes a CPU
-            work.actors = stages.start_collectors(source, len(shards), long_lived=True)
+            work.actors = stages.start_collectors(source, len(shards), long_lived=True, dtype=dtype)
         if work.units_of("trained"):
             batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in iter_torch_batches(calib, self.c.batch_size)]
             labels = [int(r["label"]) for r in calib.select_columns(["label"]).iter_rows()] if "label" in calib.columns() else None
@@ -162,7 +162,7 @@ class Sweep:
             move_aside(path, damaged, warn)
         work.collect_start = time.perf_counter()
         work.sites, batches = stages.submit_collection(work.entry.source, calib, self._groups(work), self.c.workers, self.c.batch_size,
-                                                       self.c.seed, self.counter, work.actors or None)
+                                                       self.c.seed, self.counter, work.actors or None, self.c.dtype_of(work.entry))
         work.saves = [stages.save_site.options(**stages.on_driver_node()).remote(str(path), work.stats_fp, s, ref) for s, ref in work.sites.items()]
         self.progress.add("collect", batches)
         self.collecting.append(work)
@@ -174,8 +174,9 @@ class Sweep:
 
     def submit_units(self, work: ModelWork, evaluation: dict, shards: list | None = None) -> None:
         info, c = work.info, self.c
-        weights = stages.submit_site_weights(work.entry.source, info.sites)
-        ref = stages.reference.remote(work.entry.source, evaluation, self.calibration, c.batch_size, work.entry.task)
+        dtype = c.dtype_of(work.entry)
+        weights = stages.submit_site_weights(work.entry.source, info.sites, dtype)
+        ref = stages.reference.remote(work.entry.source, evaluation, self.calibration, c.batch_size, work.entry.task, dtype)
         scored = work.units_of("scored")
         for method in dict.fromkeys(u.method for u in scored):
             work.scores[method] = [stages.score_site.remote(method, weights[s], work.sites[s], c.seed, s) for s in info.sites]
@@ -221,7 +222,8 @@ class Sweep:
         c = self.c
         save = c.save_models and unit.key not in self.remeasure  # a unit measured again has its model saved already
         folder = str(self._model_folder(unit)) if save else None  # absolute (Campaign.out): workers run elsewhere
-        return stages.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, folder, self._record(unit, work))
+        return stages.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, folder, self._record(unit, work),
+                               c.dtype_of(work.entry))
 
     def _train_storage(self) -> Path:
         return self.c.out / ".train"
@@ -240,7 +242,7 @@ class Sweep:
             "budget": unit.budget, "method": unit.method, "reconstruction": c.reconstruction_of(unit.method), "allocation": c.allocation,
             "samples": c.samples, "eval_samples": c.eval_samples, "seq_len": c.seq_len_of(unit.entry),
             "batch_size": c.batch_size, "seed": c.seed, "latency_repeats": c.latency_repeats,
-        } | c.method_options(unit.method)
+        } | c.method_options(unit.method) | ({"dtype": c.dtype_of(unit.entry)} if c.dtype_of(unit.entry) else {})
 
     def _record(self, unit: Unit, work: ModelWork) -> dict:
         """gfprune.json of a saved model: what `gfprune-ray eval` needs to re-measure it."""
