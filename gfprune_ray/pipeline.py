@@ -96,7 +96,8 @@ def reconstruct_sites(adapter: Adapter, masks: Masks, calibration: Calibration, 
         w = adapter.unit_weights(*site)
         # readers, not values: statistics stored on disk are read one Gram at a time
         fit, heldout = calibration.fit.sites, calibration.heldout.sites
-        out[site] = reconstruct(mode, w.out, w.bias, mask.nonzero().flatten(), w.width, lambda: fit[site], lambda: heldout[site])
+        rec = reconstruct(mode, w.out, w.bias, mask.nonzero().flatten(), w.width, lambda: fit[site], lambda: heldout[site])
+        out[site] = rec.in_dtype(w.out.dtype)
         release_memory()  # a 7B FFN site's refit frees ~2 GB of temporaries: not kept for the next
     return out
 

@@ -98,3 +98,35 @@ def test_bad_dtype_is_one_line(ws, tmp_path, args, text):
     result = run_cli("prune", ws / "float32", "--out", tmp_path / "out", "--data", ws / "data.txt", *args, *SMALL)
     assert result.returncode == 2 and text in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_refit_weights_kept_in_the_model_dtype_cut_the_same_model_as_float64_ones(dtype):
+    """Plans hold each site's new weights in the model's dtype until surgery (a 7B model's float64
+    ones would take 11 GB); surgery rounds to that dtype anyway, so the cut model is the same bit
+    for bit as one cut with the float64 weights the refit computes."""
+    import copy
+
+    from conftest import tiny_batches
+
+    from gfprune_ray.models import adapter_for
+    from gfprune_ray.pipeline import calibrate, plan
+    from gfprune_ray.reconstruct import reconstruct
+    from gfprune_ray.surgery import apply_pruning
+
+    adapter = adapter_for(tiny_model("llama").to(dtype))
+    calibration = calibrate(adapter, tiny_batches(4), 12.0)
+    result = plan(adapter, calibration, 0.5, "gfp", "full")
+    assert result.weights and all(r.weight.dtype == dtype for r in result.weights.values())
+    exact = {}
+    for site, rec in result.weights.items():
+        w = adapter.unit_weights(*site)
+        exact[site] = reconstruct("full", w.out, w.bias, result.masks.keep[site].nonzero().flatten(), w.width,
+                                  calibration.fit[site], calibration.heldout[site])
+        assert exact[site].weight.dtype == torch.float64
+        assert not torch.equal(exact[site].weight.to(dtype).to(torch.float64), exact[site].weight), "the rounding must be real"
+    kept, float64 = adapter_for(copy.deepcopy(adapter.model)), adapter_for(copy.deepcopy(adapter.model))
+    apply_pruning(kept, result.masks, result.weights)
+    apply_pruning(float64, result.masks, exact)
+    for (name, a), (_, b) in zip(kept.model.state_dict().items(), float64.model.state_dict().items()):
+        assert a.dtype == dtype and torch.equal(a, b), name

@@ -388,7 +388,7 @@ def reconstruct_site(mode: str, masks: Timed, site: Site, weights: UnitWeights, 
     result = None
     if not bool(keep.all()):
         fit, held = pair.value[:2]
-        result = reconstruct(mode, weights.out, weights.bias, keep.nonzero().flatten(), weights.width, fit, held)
+        result = reconstruct(mode, weights.out, weights.bias, keep.nonzero().flatten(), weights.width, fit, held).in_dtype(weights.out.dtype)
     return Timed(result, time.perf_counter() - start)
 
 
