@@ -21,7 +21,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 
-
 def pytest_runtest_logreport(report) -> None:
     """With GFPRUNE_TEST_TIMES=FILE, each test phase's seconds are appended to FILE as it ends
     (tab-separated: seconds, phase, test), so a suite stopped by a time limit still leaves them."""

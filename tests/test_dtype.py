@@ -1,18 +1,23 @@
 """Half-precision models: bfloat16 and float16 checkpoints prune, save and reload in their own
 dtype, and `--dtype` loads a float32 checkpoint in another (statistics add up in float64 either
-way). Through the command line, as a user runs it."""
+way). Through the command line, as a user runs it; the early rounding of refit weights in-process."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, run_cli, sentences, tiny_model
+from conftest import make_tokenizer, run_cli, sentences, tiny_batches, tiny_model
 from safetensors.torch import load_file
 
 from gfprune_ray import load_pruned
+from gfprune_ray.models import adapter_for
+from gfprune_ray.pipeline import calibrate, plan
+from gfprune_ray.reconstruct import reconstruct
+from gfprune_ray.surgery import apply_pruning
 
 SMALL = ("--samples", "40", "--eval-samples", "16", "--seq-len", "32", "--batch-size", "8", "--latency-repeats", "0")
 
@@ -105,15 +110,6 @@ def test_refit_weights_kept_in_the_model_dtype_cut_the_same_model_as_float64_one
     """Plans hold each site's new weights in the model's dtype until surgery (a 7B model's float64
     ones would take 11 GB); surgery rounds to that dtype anyway, so the cut model is the same bit
     for bit as one cut with the float64 weights the refit computes."""
-    import copy
-
-    from conftest import tiny_batches
-
-    from gfprune_ray.models import adapter_for
-    from gfprune_ray.pipeline import calibrate, plan
-    from gfprune_ray.reconstruct import reconstruct
-    from gfprune_ray.surgery import apply_pruning
-
     adapter = adapter_for(tiny_model("llama").to(dtype))
     calibration = calibrate(adapter, tiny_batches(4), 12.0)
     result = plan(adapter, calibration, 0.5, "gfp", "full")
