@@ -114,7 +114,7 @@ class Campaign(BaseModel):
         model they run on is refused before any work, not ignored."""
         for entry in self.models:
             trained = [m for m in (entry.methods or self.methods) if m in TRAINED_METHODS]
-            if (entry.dtype or self.dtype) and trained:
+            if self.dtype_of(entry) and trained:
                 raise ValueError(f"dtype does not apply to {', '.join(trained)} ({entry.source}): they train in the checkpoint's dtype")
         return self
 
@@ -158,6 +158,12 @@ class Campaign(BaseModel):
     def dtype_of(self, entry: ModelEntry) -> str | None:
         return entry.dtype or self.dtype
 
+    def model_options(self, entry: ModelEntry) -> dict:
+        """Options that change only this model's results, where given: a unit's key and its
+        recorded options both take them, so campaigns that never gave one keep their keys."""
+        dtype = self.dtype_of(entry)
+        return {"dtype": dtype} if dtype else {}
+
     @property
     def key(self) -> str:
         """A campaign lives in its MLflow experiment: rerunning into the same experiment resumes
@@ -184,8 +190,7 @@ class Unit:
             "reconstruction": campaign.reconstruction_of(method),
             **{k: getattr(campaign, k) for k in ("data", "samples", "eval_samples", "seed", "allocation")},
             **campaign.method_options(method),
-            # only when asked: the keys of campaigns that never gave a dtype stay as they were
-            **({"dtype": campaign.dtype_of(entry)} if campaign.dtype_of(entry) else {}),
+            **campaign.model_options(entry),
         })
 
     @property

@@ -242,7 +242,7 @@ class Sweep:
             "budget": unit.budget, "method": unit.method, "reconstruction": c.reconstruction_of(unit.method), "allocation": c.allocation,
             "samples": c.samples, "eval_samples": c.eval_samples, "seq_len": c.seq_len_of(unit.entry),
             "batch_size": c.batch_size, "seed": c.seed, "latency_repeats": c.latency_repeats,
-        } | c.method_options(unit.method) | ({"dtype": c.dtype_of(unit.entry)} if c.dtype_of(unit.entry) else {})
+        } | c.method_options(unit.method) | c.model_options(unit.entry)
 
     def _record(self, unit: Unit, work: ModelWork) -> dict:
         """gfprune.json of a saved model: what `gfprune-ray eval` needs to re-measure it."""
