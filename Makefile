@@ -50,8 +50,10 @@ demo-full: $(STAMP)
 		--methods gfp,fluctuation,magnitude,llm-surgeon --experiment demo-full --out runs/demo-full
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'demo-full')"
 
+# Two workers: most tests wait on subprocesses and Ray, and one pytest process keeps about 1.2 of
+# the 2 cores busy. A file's tests stay on one worker, which builds its shared models once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install $(PIP_FLAGS) torch-pruning==1.6.1 sentencepiece && $(BIN)/python -m pip install $(PIP_FLAGS) --no-deps textpruner==1.1.post2

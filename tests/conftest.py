@@ -5,8 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,9 @@ import transformers as T
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Set before torch is imported, so it holds for the CLI subprocesses too: `make test` runs two
+# pytest workers on two cores, and a multi-threaded torch next to a busy process stalls (below).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Ray workers of the farm tests share the cores with this process. Multi-threaded torch then
 # stalls on its many tiny products (each parallel region waits for a descheduled thread): a test
 # that takes seconds alone took over 5 minutes next to a busy process. One thread is plenty here.
@@ -25,7 +33,7 @@ def pytest_runtest_logreport(report) -> None:
     """With GFPRUNE_TEST_TIMES=FILE, each test phase's seconds are appended to FILE as it ends
     (tab-separated: seconds, phase, test), so a suite stopped by a time limit still leaves them."""
     times = os.environ.get("GFPRUNE_TEST_TIMES")
-    if times:
+    if times and not os.environ.get("PYTEST_XDIST_WORKER"):  # under xdist the controller writes each once
         with open(times, "a") as out:
             out.write(f"{report.duration:.2f}\t{report.when}\t{report.nodeid}\n")
 
@@ -203,3 +211,58 @@ def local_ray():
     farm.quiet_ray_data()
     yield
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayNode:
+    """A node started by start_ray_node: its `ray start --block` process, and the head's own
+    temporary folder."""
+
+    process: subprocess.Popen
+    temp_dir: Path | None
+
+
+def start_ray_node(*args: str, log: Path, env: dict, timeout: float = 120) -> RayNode | None:
+    """`ray start ARGS --block` in the background, returned once its node is up; None if it exits
+    first (the reason is in LOG). Stop it with stop_ray_node: unlike `ray stop`, that ends this
+    node's processes only, not every Ray on the machine (a developer's own cluster, the embedded
+    Ray of the other pytest worker). A head gets its own temporary folder: in the shared
+    /tmp/ray, a job's working-directory package was once looked up in another cluster's session."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp")) if "--head" in args else None  # short: it holds Unix sockets
+    # the dashboard agent's port is fixed (52365) unless given: a second node on this machine
+    # would lose it, and with it the job API
+    extra = [f"--dashboard-agent-listen-port={free_port()}"] + ([f"--temp-dir={temp_dir}"] if temp_dir else [])
+    ray_bin = Path(sys.executable).parent / "ray"
+    with open(log, "w") as out:
+        # no drain on SIGTERM: it serves traffic handover (Ray Serve) and waits up to 30 s
+        process = subprocess.Popen([str(ray_bin), "start", *args, *extra, "--block"], stdout=out, stderr=subprocess.STDOUT,
+                                   env=dict(env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"))
+    node = RayNode(process, temp_dir)
+    deadline = time.monotonic() + timeout
+    while "Ray runtime started." not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_ray_node(node)
+            return None
+        time.sleep(0.2)
+    return node
+
+
+def stop_ray_node(node: RayNode | None) -> None:
+    """SIGTERM makes `ray start --block` stop the processes of its own node, then exit."""
+    if node is None:
+        return
+    if node.process.poll() is None:
+        node.process.terminate()
+        try:
+            node.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            node.process.kill()
+            node.process.wait()
+    if node.temp_dir:
+        shutil.rmtree(node.temp_dir, ignore_errors=True)

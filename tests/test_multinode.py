@@ -11,34 +11,33 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import make_tokenizer, run_cli, save_tiny, sentences
+from conftest import make_tokenizer, run_cli, free_port, save_tiny, sentences, start_ray_node, stop_ray_node
 from mlflow.tracking import MlflowClient
-from test_jobs import BIN, _env, _free_port
+from test_jobs import _env
 
 pytestmark = pytest.mark.timeout(480)
 
 PER_SITE = ("score_site", "reconstruct_site")
 
 
-def _ray(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture
-def two_nodes():
+def two_nodes(tmp_path):
     """(GCS address, dashboard URL) of a head node and a second node, both on this machine."""
-    port, dashboard = _free_port(), _free_port()
-    head = _ray("start", "--head", f"--port={port}", "--num-cpus=2", '--resources={"node_a": 1}', "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats")
+    port, dashboard = free_port(), free_port()
+    head = start_ray_node("--head", f"--port={port}", "--num-cpus=2", '--resources={"node_a": 1}', "--include-dashboard=true",
+                          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+                          log=tmp_path / "head.log", env=_env())
+    second = None
     try:
-        if head.returncode != 0:
-            pytest.skip(f"`ray start --head` failed here: {head.stderr.strip().splitlines()[-1:]}")
-        second = _ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"node_b": 1}')
-        if second.returncode != 0:
-            pytest.skip(f"a second raylet cannot start on this machine: {second.stderr.strip().splitlines()[-1:]}")
+        if head is None:
+            pytest.skip(f"`ray start --head` failed here: {(tmp_path / 'head.log').read_text().strip().splitlines()[-1:]}")
+        second = start_ray_node(f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"node_b": 1}', log=tmp_path / "second.log", env=_env())
+        if second is None:
+            pytest.skip(f"a second raylet cannot start on this machine: {(tmp_path / 'second.log').read_text().strip().splitlines()[-1:]}")
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
     finally:
-        _ray("stop", "--force")
+        stop_ray_node(second)
+        stop_ray_node(head)
 
 
 def _wait_for_nodes(dashboard: str, n: int) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_command, cli_env, make_tokenizer, run_cli, save_tiny, sentences
+from conftest import cli_command, cli_env, free_port, make_tokenizer, run_cli, save_tiny, sentences
 from mlflow.tracking import MlflowClient
 
 from gfprune_ray.errors import UserError
@@ -199,23 +199,17 @@ def test_too_little_data_is_said_and_recorded(ws, tmp_path):
     assert (metrics["calibration_examples"], metrics["evaluation_examples"]) == (2, 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
-        (lambda t: ["--address", f"127.0.0.1:{_free_port()}"], ["cannot reach the Ray cluster"]),
+        (lambda t: ["--address", f"127.0.0.1:{free_port()}"], ["cannot reach the Ray cluster"]),
         (lambda t: ["--address", "nonsense"], ["Ray address 'nonsense'"]),
         (lambda t: ["--tracking-uri", "bogus://x"], ["MLflow tracking store bogus://x"]),
         (lambda t: ["--tracking-uri", f"file://{t / 'mlruns'}"], ["folder stores"]),
         (lambda t: ["--tracking-uri", str(t / "mlruns")], ["folder stores"]),
         (lambda t: ["--tracking-uri", f"sqlite:///{_unwritable_folder() / 'mlflow.db'}"], ["cannot write"]),
         (lambda t: ["--tracking-uri", f"sqlite:///{t / 'data.txt'}"], ["not a sqlite database"]),
-        (lambda t: ["--tracking-uri", f"http://127.0.0.1:{_free_port()}"], ["cannot reach the MLflow server"]),
+        (lambda t: ["--tracking-uri", f"http://127.0.0.1:{free_port()}"], ["cannot reach the MLflow server"]),
         (lambda t: ["--out", _unwritable_folder() / "out"], ["--out", "cannot write"]),
         (lambda t: ["--cache-dir", _unwritable_folder() / "cache"], ["--cache-dir", "cannot write"]),
     ],

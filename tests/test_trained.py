@@ -256,6 +256,6 @@ def test_cofi_adds_cross_entropy_where_a_classifier_has_labels():
     student.fix(1.0)  # the same gates in both calls
     with_ce, parts = student.task_loss(batch, None)
     without, _ = student.task_loss({k: v for k, v in batch.items() if k != "labels"}, None)
-    assert parts["label_loss"] > 0 and float(with_ce - without) == pytest.approx(parts["label_loss"], rel=1e-5)
+    assert parts["label_loss"] > 0 and float((with_ce - without).detach()) == pytest.approx(parts["label_loss"], rel=1e-5)
     lm = CoFiStudent(adapter_for(tiny_model("gpt2")), SEQ)
     assert "label_loss" not in lm.task_loss(batch, None)[1], "an LM's logits are per token: labels do not apply"
