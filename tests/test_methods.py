@@ -41,6 +41,20 @@ def test_kcm_point_in_a_pair_weighs_less_than_a_lone_point():
     assert weights[0] < weights[1:6].min() and weights[6] < weights[1:6].min()
 
 
+def test_kcm_above_the_block_size_solves_near_equal_random_blocks_alone():
+    """k identical points have the fixed point C = 1/k (K C = K for C = 1/k everywhere), so each of
+    40 near-copies weighs 1/40 in one solve, and 1/(its block's size) when blocks are solved alone:
+    40 points in blocks of at most 16 are three blocks of 14, 13 and 13."""
+    copies = 1e-4 * torch.randn(40, 3, generator=torch.Generator().manual_seed(2))
+    whole = kcm_self_weights(copies, block=40)
+    assert torch.allclose(whole, torch.full((40,), 1 / 40, dtype=torch.float64), rtol=1e-3)
+    blocked = kcm_self_weights(copies, block=16)
+    sizes = torch.round(1 / blocked)
+    assert sorted(sizes.tolist()) == [13.0] * 26 + [14.0] * 14
+    assert torch.allclose(blocked, 1 / sizes, rtol=1e-3)
+    assert torch.equal(blocked, kcm_self_weights(copies, block=16)), "the partition is seeded: scores do not change between runs"
+
+
 # ---- every method on every family ------------------------------------------------------------
 
 

@@ -43,16 +43,34 @@ SIGMA = 1.0
 ACTIVITY_PRIOR = 0.3
 ALPHA = 0.01
 MAX_ITERATIONS = 300
+# KCM's updates cost n^3 multiply-adds for n points: 26 iterations on a 7B FFN's 11008 columns
+# would be about 70 TFLOP per layer. Above KCM_BLOCK points, a seeded random partition splits them
+# into near-equal blocks of at most KCM_BLOCK, each solved on its own, so the cost grows linearly
+# with n: a point's self-weight then says how well a random share of the others stand in for it.
+# Measured (README, "gfp, exactly"): the same heads and neurons kept and fidelity within 0.002 on
+# three corpora for MiniLM and MPNet, whose scoring took 3.5x and 6x less time.
+KCM_BLOCK = 1024
+KCM_PARTITION_SEED = 0
 
 
 def kcm_self_weights(
-    points: torch.Tensor, sigma: float = SIGMA, alpha: float = ALPHA, max_iterations: int = MAX_ITERATIONS
+    points: torch.Tensor, sigma: float = SIGMA, alpha: float = ALPHA, max_iterations: int = MAX_ITERATIONS, block: int = KCM_BLOCK
 ) -> torch.Tensor:
-    """Diagonal of the KCM weight matrix C for n points (rows of `points`).
+    """Diagonal of the KCM weight matrix C for n points (rows of `points`), solved in blocks of
+    at most `block` points when n exceeds it (see KCM_BLOCK)."""
+    n = points.shape[0]
+    if n <= block:
+        return _kcm_diagonal(points, sigma, alpha, max_iterations)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(KCM_PARTITION_SEED))
+    out = torch.empty(n, dtype=torch.float64)
+    for part in torch.tensor_split(order, -(-n // block)):
+        out[part] = _kcm_diagonal(points[part], sigma, alpha, max_iterations)
+    return out
 
-    Multiplicative updates C <- C * sqrt(K / (K C)) from C = 1/n, until the relative change of C
-    falls below alpha. They keep C nonnegative and decrease |phi(X) - phi(X) C|^2.
-    """
+
+def _kcm_diagonal(points: torch.Tensor, sigma: float, alpha: float, max_iterations: int) -> torch.Tensor:
+    """Multiplicative updates C <- C * sqrt(K / (K C)) from C = 1/n, until the relative change of C
+    falls below alpha. They keep C nonnegative and decrease |phi(X) - phi(X) C|^2."""
     x = points.to(torch.float32)
     n = x.shape[0]
     sq = (x * x).sum(1)
