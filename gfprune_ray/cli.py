@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from .choices import CHECKPOINT_EVERY, STEPS_CPU
 from .errors import UserError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -29,11 +30,9 @@ METHOD_HELP = (
     "gfp, gfp-r2, gfp-d2, fluctuation, magnitude, random (unit scores), llm-surgeon (curvature, correlated updates, "
     "several shots), cofi or flop (gates trained with the weights on Ray Train); the last three ignore --reconstruct."
 )
-STEPS_CPU = 200  # = methods.trained.STEPS_CPU; kept literal so that --help does not import torch
 STEPS_HELP = ("cofi, flop: steps that train the gates with the weights; a quarter as many again then fine-tune the structure "
               "they chose. 200 runs a small model on a CPU in minutes, far from the papers' quality (README); on GPUs use "
               "about 10000 (the papers train for epochs).")
-CHECKPOINT_EVERY = 50  # = methods.trained.CHECKPOINT_EVERY
 CHECKPOINT_HELP = "cofi, flop: training steps between checkpoints; a killed run resumes from the last one when the same command runs again."
 LATENCY_HELP = ("Timed forward passes of each model per latency measurement, taking turns (the median is reported, with the "
                 "spread of the speedup from 3 on); 0 skips latency.")
@@ -99,8 +98,8 @@ def prune(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ) -> None:
     """Prune MODEL to a MACs budget with unlabeled text, save it to OUT and report its quality and speed."""
+    from .choices import parse_memory
     from .single import PruneOptions, prune_model
-    from .stats import parse_memory
 
     memory = None if stats_memory is None else _run(lambda: parse_memory(stats_memory))
     opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shots, steps,
@@ -185,8 +184,7 @@ def sweep(
     Statistics are collected once per model and reused for every method and budget (and by later
     campaigns). Rerunning the same campaign skips the units that finished. Exits with 1 when a
     model or unit failed (the others still finish), with 2 on bad input."""
-    from .farm.campaign import load_campaign
-    from .farm.sweep import run_sweep
+    from .farm.campaign import load_campaign  # torch-free: bad input fails before the farm's imports
 
     options = {
         "budgets": _floats(budgets, "budgets"), "methods": _names(methods), "data": data, "eval_data": _names(eval_data), "samples": samples,
@@ -197,6 +195,8 @@ def sweep(
         "checkpoint_every": checkpoint_every, "stats_memory": stats_memory, "dtype": dtype,
     }
     campaign = _run(lambda: load_campaign(config, models, **options))
+    from .farm.sweep import run_sweep
+
     result = _run(lambda: run_sweep(campaign))
     typer.echo(f"summary: {result.summary['md']}  plot: {result.summary['plot']}")
     typer.echo(f"MLflow runs of experiment {campaign.experiment!r}: {result.runs_url}")

@@ -10,17 +10,13 @@ from typing import TYPE_CHECKING
 import transformers
 from safetensors import SafetensorError
 
+from .choices import DTYPES, PACKAGED_PREFIX, looks_like_path  # noqa: F401 (re-exported)
 from .data import prepare_tokenizer
 from .errors import UserError, first_line
-from .packaged import GGUF_SUFFIX, PACKAGED, PACKAGED_PREFIX, gguf_model_folder, packaged_model_path  # noqa: F401 (re-exported)
+from .packaged import GGUF_SUFFIX, PACKAGED, gguf_model_folder, packaged_model_path  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # tokenizer loading (in Ray Data workers) needs no torch
     from torch import nn
-
-
-def looks_like_path(source: str) -> bool:
-    """A model source that can only mean a local folder (a hub id has at most one slash)."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
 def resolve_model(source: str) -> str:
@@ -83,7 +79,6 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return prepare_tokenizer(tokenizer)
 
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def load_model(source: str, trust_remote_code: bool = False, dtype: str | None = None) -> tuple[nn.Module, object]:

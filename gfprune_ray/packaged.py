@@ -37,7 +37,6 @@ from pathlib import Path
 
 from .errors import UserError, first_line
 
-PACKAGED_PREFIX = "pkg:"
 GGUF_SUFFIX = ".gguf"
 
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .choices import RECONSTRUCTIONS
 from .models.layers import unit_rows
 from .stats import GramStats
 
-MODES = ("full", "scale", "none")
+MODES = RECONSTRUCTIONS
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 MAX_SCALE = 10.0
 

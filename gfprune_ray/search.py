@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .choices import ALLOCATIONS
 from .flops import attention_macs, check_budget, group_macs, kept_site_macs, prunable_macs, site_macs, unit_macs
 from .models import KINDS, BlockGeometry, Kind
 
@@ -225,3 +226,4 @@ def uniform_search(scores: dict[Site, torch.Tensor], geoms: list[BlockGeometry],
 
 
 SEARCHES = {"global": global_search, "uniform": uniform_search}
+assert tuple(SEARCHES) == ALLOCATIONS, "choices.ALLOCATIONS names exactly the searches"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import UserError
+from .choices import parse_memory  # noqa: F401 (re-exported)
 from .models import KINDS, Adapter, BlockGeometry, Kind
 
 GRADS_PART = "grads"
@@ -182,21 +182,6 @@ def physical_memory() -> int:
 # The default share of a machine's memory that one process's statistics may take: the model, the
 # per-batch products and the farm's object store need the rest.
 STATS_MEMORY_SHARE = 8
-
-
-def parse_memory(text: str) -> int:
-    """'6GB', '512MB', '2.5GiB' or a number of bytes -> bytes; a one-line error otherwise."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    raw = text.strip().upper().replace(" ", "")
-    number = raw.rstrip("KMGTIB")
-    unit = raw[len(number):]
-    try:
-        value = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise UserError(f"--stats-memory: {text!r} is not a size (e.g. 6GB, 512MB)") from None
-    if value < 1:
-        raise UserError(f"--stats-memory: {text!r} must be positive")
-    return int(value)
 
 
 class BatchRouting:

@@ -8,6 +8,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
@@ -128,6 +129,14 @@ def test_bad_input_is_one_line_before_any_work(ws, tmp_path, models, extra, mess
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "mlflow.db").exists(), "no record of a campaign that never started"
+
+
+def test_the_cli_and_the_campaign_schema_import_no_torch_ray_or_mlflow():
+    """A models file or option the schema refuses fails before seconds of imports (choices.py)."""
+    code = ("import sys, gfprune_ray.cli, gfprune_ray.farm.campaign; "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
+    assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr[-2000:])
 
 
 def test_report_on_an_unknown_experiment(tmp_path):

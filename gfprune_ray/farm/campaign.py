@@ -20,13 +20,21 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import UserError, first_line
-from ..loading import DTYPES, PACKAGED_PREFIX, looks_like_path
-from ..methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
-from ..methods.surgeon import SHOTS
-from ..methods.trained import CHECKPOINT_EVERY, STEPS_CPU
-from ..reconstruct import MODES
-from ..search import SEARCHES
-from ..stats import parse_memory
+# choices only: validating a campaign imports no torch, Ray or MLflow (a bad line fails at once)
+from ..choices import (
+    ALLOCATIONS,
+    CHECKPOINT_EVERY,
+    DTYPES,
+    METHOD_NAMES,
+    PACKAGED_PREFIX,
+    RECONSTRUCTIONS,
+    SHOTS,
+    STEPS_CPU,
+    SURGEON,
+    TRAINED_METHODS,
+    looks_like_path,
+    parse_memory,
+)
 
 # Tasks on other nodes (and workers started in another directory) resolve a relative path
 # against their own working directory: the campaign holds --out only as an absolute path.
@@ -91,8 +99,8 @@ class Campaign(BaseModel):
     seq_len: Positive = 128
     batch_size: Positive = 32
     seed: Annotated[int, Field(ge=0)] = 0
-    reconstruction: Annotated[str, _one_of(MODES, "reconstruction")] = "full"
-    allocation: Annotated[str, _one_of(SEARCHES, "allocation")] = "global"
+    reconstruction: Annotated[str, _one_of(RECONSTRUCTIONS, "reconstruction")] = "full"
+    allocation: Annotated[str, _one_of(ALLOCATIONS, "allocation")] = "global"
     workers: Positive = 1
     out: Annotated[AbsolutePath, Field(validate_default=True)] = Path("runs/sweep")
     save_models: bool = True

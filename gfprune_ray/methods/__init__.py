@@ -24,8 +24,7 @@ from ..models import UnitWeights
 from ..stats import GramStats
 from .baselines import fluctuation_scores, magnitude_scores, random_scores
 from .gfp import gfp_d2_scores, gfp_r2_scores, gfp_scores
-from .surgeon import NAME as SURGEON
-from .trained import TRAINED_METHODS
+from ..choices import METHOD_NAMES, SCORE_METHODS, SURGEON, TRAINED_METHODS  # noqa: F401 (re-exported)
 
 ScoreFn = Callable[[UnitWeights, GramStats, torch.Generator], torch.Tensor]
 
@@ -38,7 +37,7 @@ METHODS: dict[str, ScoreFn] = {
     "random": random_scores,
 }
 
-METHOD_NAMES: tuple[str, ...] = (*METHODS, SURGEON, *TRAINED_METHODS)
+assert tuple(METHODS) == SCORE_METHODS, "choices.SCORE_METHODS names exactly the score functions"
 
 
 def get_method(name: str) -> ScoreFn:

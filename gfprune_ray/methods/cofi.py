@@ -37,10 +37,11 @@ from ..flops import group_macs, prunable_macs, unit_macs
 from ..models import KINDS, Adapter, BlockGeometry, Kind
 from ..models import layers as L
 from ..search import Masks, Site
+from ..choices import COFI
 from ..surgery import apply_pruning
 from ..training import GatedStudent, gate_set
 
-NAME = "cofi"
+NAME = COFI
 HIDDEN = "hidden"
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..choices import FLOP
 from ..distill import distillation_loss, identity_map, lm_loss
 from ..flops import prunable_macs
 from ..models import Adapter
@@ -29,7 +30,7 @@ from ..models.base import set_path
 from ..search import Masks, full_masks
 from ..training import GatedStudent, gate_set
 
-NAME = "flop"
+NAME = FLOP
 
 
 class GatedFactorized(nn.Module):

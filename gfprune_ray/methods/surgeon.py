@@ -37,10 +37,10 @@ from ..flops import prunable_macs
 from ..models import BlockGeometry, UnitWeights
 from ..models.layers import unit_rows
 from ..reconstruct import LAMBDAS, Reconstruction, augmented_weight, input_moment, split_augmented, with_bias_column
+from ..choices import SHOTS, SURGEON  # noqa: F401 (SHOTS re-exported)
 from ..search import Masks, Site, global_search
 
-NAME = "llm-surgeon"
-SHOTS = 5  # default on CPU: each shot costs one forward and backward pass over the calibration text
+NAME = SURGEON
 COST_DAMPING = 0.01  # relative to the mean diagonal of A
 
 

@@ -3,21 +3,17 @@ build the student (which trains and cuts itself: `GatedStudent.finish`), say wha
 
 from __future__ import annotations
 
+from ..choices import CHECKPOINT_EVERY, COFI, FLOP, STEPS_CPU, TRAINED_METHODS  # noqa: F401 (re-exported)
 from ..flops import kept_prunable_macs, prunable_macs
 from ..models import Adapter
 from ..training import GatedStudent
-from .cofi import NAME as COFI
 from .cofi import CoFiStudent
-from .flop import NAME as FLOP
 from .flop import FlopStudent
 
-TRAINED_METHODS: tuple[str, ...] = (COFI, FLOP)
-# Training steps. CPU: enough for the gates to reach the budget on MiniLM in a few minutes (the
-# demo). GPU: the papers train for epochs (CoFi: 20 epochs with distillation on GLUE tasks); at
-# batch 32 that is on the order of 10,000 steps, the default to use with --steps on a GPU cluster.
-STEPS_CPU = 200
+# Training steps (choices.STEPS_CPU on a CPU). GPU: the papers train for epochs (CoFi: 20 epochs
+# with distillation on GLUE tasks); at batch 32 that is on the order of 10,000 steps, the default
+# to use with --steps on a GPU cluster.
 STEPS_GPU = 10_000
-CHECKPOINT_EVERY = 50  # steps between checkpoints: a killed run loses at most this many
 
 
 def student_for(method: str, adapter: Adapter, seq_len: float) -> GatedStudent:
