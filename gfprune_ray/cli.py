@@ -184,7 +184,8 @@ def sweep(
     Statistics are collected once per model and reused for every method and budget (and by later
     campaigns). Rerunning the same campaign skips the units that finished. Exits with 1 when a
     model or unit failed (the others still finish), with 2 on bad input."""
-    from .farm.campaign import load_campaign  # torch-free: bad input fails before the farm's imports
+    from .data import check_sources
+    from .farm.campaign import load_campaign  # both torch-free: bad input fails before the farm's imports
 
     options = {
         "budgets": _floats(budgets, "budgets"), "methods": _names(methods), "data": data, "eval_data": _names(eval_data), "samples": samples,
@@ -195,6 +196,7 @@ def sweep(
         "checkpoint_every": checkpoint_every, "stats_memory": stats_memory, "dtype": dtype,
     }
     campaign = _run(lambda: load_campaign(config, models, **options))
+    _run(lambda: check_sources(campaign.data, campaign.eval_data))  # run_sweep checks again, for callers of the API
     from .farm.sweep import run_sweep
 
     result = _run(lambda: run_sweep(campaign))

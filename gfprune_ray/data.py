@@ -97,6 +97,21 @@ def is_hub_name(source: str) -> bool:
     return not path.exists() and not path.suffix and not source.startswith((".", "/", "~"))
 
 
+def check_source(source: str) -> None:
+    """Fail early, before Ray or MLflow are touched, on a data path that does not exist or a named
+    corpus that is not installed (reading one takes well under a second)."""
+    if source in CORPORA:
+        CORPORA[source]()
+    elif not Path(source).exists() and not is_hub_name(source):
+        raise UserError(f"data not found: {source}")
+
+
+def check_sources(data: str, eval_data: list[str] | None) -> None:
+    """check_source for the calibration data and every evaluation corpus."""
+    for source in evaluation_sources(data, eval_data).values():
+        check_source(source)
+
+
 def load_hf_dataset(source: str):
     """A `datasets.Dataset` with its `text` (and `label`) columns: the train split of a hub
     dataset, or a `save_to_disk` folder. Failures are one line for the user."""

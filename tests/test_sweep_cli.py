@@ -132,8 +132,8 @@ def test_bad_input_is_one_line_before_any_work(ws, tmp_path, models, extra, mess
 
 
 def test_the_cli_and_the_campaign_schema_import_no_torch_ray_or_mlflow():
-    """A models file or option the schema refuses fails before seconds of imports (choices.py)."""
-    code = ("import sys, gfprune_ray.cli, gfprune_ray.farm.campaign; "
+    """A models file, option or data path the sweep refuses fails before seconds of imports (choices.py)."""
+    code = ("import sys, gfprune_ray.cli, gfprune_ray.data, gfprune_ray.farm.campaign; "
             "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
     assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr[-2000:])

@@ -25,6 +25,7 @@ from ..data import (
     TEXT_SUFFIXES,
     example_key,
     heldout_flags,
+    check_source,
     is_hub_name,
     load_hf_dataset,
     checked_split_sizes,
@@ -54,15 +55,6 @@ def _read_files(files: list[Path]) -> ray.data.Dataset:
     if not parts:
         raise UserError("no text, JSONL or Parquet files found")
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-
-def check_source(source: str) -> None:
-    """Fail early, before Ray or MLflow are touched, on a data path that does not exist or a named
-    corpus that is not installed (reading one takes well under a second)."""
-    if source in CORPORA:
-        CORPORA[source]()
-    elif not Path(source).exists() and not is_hub_name(source):
-        raise UserError(f"data not found: {source}")
 
 
 def read_dataset(source: str) -> ray.data.Dataset:

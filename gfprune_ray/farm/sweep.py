@@ -18,7 +18,7 @@ from pathlib import Path
 import ray
 
 from .. import __version__
-from ..data import CORPORA, evaluation_sources, with_labels
+from ..data import CORPORA, check_sources, evaluation_sources, with_labels
 from ..errors import UserError, first_line
 from ..methods import SURGEON, TRAINED_METHODS
 from ..outputs import check_writable_folder, staged_output
@@ -31,7 +31,7 @@ from ..training import Schedule
 from . import stages, surgeon_shots, train_units
 from .campaign import Campaign, ModelEntry, Unit
 from .locking import campaign_locks
-from .ray_data import check_source, fingerprint_and_length, iter_torch_batches, read_dataset, select_examples, shard, tokenize_rows
+from .ray_data import fingerprint_and_length, iter_torch_batches, read_dataset, select_examples, shard, tokenize_rows
 from .report import campaign_description, print_table, write_summary
 from .tracking import CORPORA_TAG, Tracker, dataset_input, package_versions, store_identity, store_uri
 
@@ -472,8 +472,7 @@ class Sweep:
 
 def run_sweep(campaign: Campaign) -> SweepResult:
     """Run (or resume) a campaign; prints the summary table. Failures are returned, not raised."""
-    for source in evaluation_sources(campaign.data, campaign.eval_data).values():
-        check_source(source)
+    check_sources(campaign.data, campaign.eval_data)
     # every external resource is checked before any work and before any MLflow write (the
     # tracking store by the Tracker, first thing once the campaign is held)
     check_writable_folder(campaign.out, "--out")
