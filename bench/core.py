@@ -26,7 +26,8 @@ from gfprune_ray.evaluate import QualityReference, efficiency
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
 from gfprune_ray.pipeline import calibrate, plan_llm_surgeon, reconstruct_sites, score_sites, search_masks
-from gfprune_ray.methods.trained import STEPS_CPU, kept_fraction, student_for
+from gfprune_ray.choices import STEPS_CPU
+from gfprune_ray.methods.trained import kept_fraction, student_for
 from gfprune_ray.single import PruneOptions, prepare_batches
 from gfprune_ray.surgery import apply_pruning
 from gfprune_ray.training import GatedTraining, Schedule, run_training

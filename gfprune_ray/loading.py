@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import transformers
 from safetensors import SafetensorError
 
-from .choices import DTYPES, PACKAGED_PREFIX, looks_like_path  # noqa: F401 (re-exported)
+from .choices import PACKAGED_PREFIX, looks_like_path
 from .data import prepare_tokenizer
 from .errors import UserError, first_line
 from .packaged import GGUF_SUFFIX, PACKAGED, gguf_model_folder, packaged_model_path  # noqa: F401 (re-exported)
@@ -77,8 +77,6 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the tokenizer of {source}: {first_line(exc)}") from None
     return prepare_tokenizer(tokenizer)
-
-
 
 
 def load_model(source: str, trust_remote_code: bool = False, dtype: str | None = None) -> tuple[nn.Module, object]:

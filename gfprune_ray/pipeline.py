@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .choices import SHOTS
 from .curvature import Curvature, collect_curvature
 from .data import heldout_flags
 from .flops import check_budget
@@ -192,7 +193,7 @@ def plan_llm_surgeon(
     batches: list[dict],
     budget: float,
     seq_len: float,
-    shots: int = surgeon.SHOTS,
+    shots: int = SHOTS,
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
 ) -> PruneResult:

@@ -21,16 +21,14 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from . import __version__
+from .choices import CHECKPOINT_EVERY, DTYPES, METHOD_NAMES, SHOTS, STEPS_CPU, SURGEON, TRAINED_METHODS
 from .curvature import collect_curvature
 from .data import Examples, batches_fingerprint, evaluation_sources, mean_tokens_per_sequence, read_examples, split_examples, tokenize, with_labels
 from .errors import UserError, first_line
 from .evaluate import CorpusReferences, dense_counts, efficiency
 from .flops import check_budget
-from .loading import DTYPES, load_model, portable_source
+from .loading import load_model, portable_source
 from .memory import release_memory
-from .methods import METHOD_NAMES, SURGEON, TRAINED_METHODS
-from .methods.surgeon import SHOTS
-from .methods.trained import CHECKPOINT_EVERY, STEPS_CPU
 from .models import adapter_for
 from .outputs import check_writable_folder, scratch_folder, staged_output
 from .packaged import cache_root

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .choices import parse_memory  # noqa: F401 (re-exported)
 from .models import KINDS, Adapter, BlockGeometry, Kind
 
 GRADS_PART = "grads"

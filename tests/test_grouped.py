@@ -19,7 +19,8 @@ from gfprune_ray.farm.campaign import load_campaign
 from gfprune_ray.farm.sweep import run_sweep
 from gfprune_ray.models import BlockGeometry, adapter_for
 from gfprune_ray.pipeline import mark_heldout
-from gfprune_ray.stats import model_sites, parse_memory, plan_groups, site_stats_bytes
+from gfprune_ray.choices import parse_memory
+from gfprune_ray.stats import model_sites, plan_groups, site_stats_bytes
 from gfprune_ray.stats_store import load_stats, read_site
 
 SMALL = ["--samples", "30", "--eval-samples", "10", "--seq-len", "16", "--batch-size", "4", "--latency-repeats", "0"]

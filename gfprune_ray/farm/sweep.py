@@ -18,9 +18,9 @@ from pathlib import Path
 import ray
 
 from .. import __version__
+from ..choices import SURGEON, TRAINED_METHODS
 from ..data import CORPORA, check_sources, evaluation_sources, with_labels
 from ..errors import UserError, first_line
-from ..methods import SURGEON, TRAINED_METHODS
 from ..outputs import check_writable_folder, staged_output
 from ..progress import StageProgress, warn
 from ..single import LATENCY_SEQ_LEN

@@ -20,11 +20,11 @@ from collections.abc import Callable
 
 import torch
 
+from ..choices import SCORE_METHODS
 from ..models import UnitWeights
 from ..stats import GramStats
 from .baselines import fluctuation_scores, magnitude_scores, random_scores
 from .gfp import gfp_d2_scores, gfp_r2_scores, gfp_scores
-from ..choices import METHOD_NAMES, SCORE_METHODS, SURGEON, TRAINED_METHODS  # noqa: F401 (re-exported)
 
 ScoreFn = Callable[[UnitWeights, GramStats, torch.Generator], torch.Tensor]
 

@@ -31,13 +31,13 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..choices import COFI
 from ..distill import distillation_loss, identity_map
 from ..evaluate import has_classifier
 from ..flops import group_macs, prunable_macs, unit_macs
 from ..models import KINDS, Adapter, BlockGeometry, Kind
 from ..models import layers as L
 from ..search import Masks, Site
-from ..choices import COFI
 from ..surgery import apply_pruning
 from ..training import GatedStudent, gate_set
 

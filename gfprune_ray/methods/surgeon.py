@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..curvature import SiteCurvature
+from ..choices import SURGEON
 from ..flops import prunable_macs
 from ..models import BlockGeometry, UnitWeights
 from ..models.layers import unit_rows
 from ..reconstruct import LAMBDAS, Reconstruction, augmented_weight, input_moment, split_augmented, with_bias_column
-from ..choices import SHOTS, SURGEON  # noqa: F401 (SHOTS re-exported)
 from ..search import Masks, Site, global_search
 
 NAME = SURGEON

@@ -3,7 +3,7 @@ build the student (which trains and cuts itself: `GatedStudent.finish`), say wha
 
 from __future__ import annotations
 
-from ..choices import CHECKPOINT_EVERY, COFI, FLOP, STEPS_CPU, TRAINED_METHODS  # noqa: F401 (re-exported)
+from ..choices import COFI, FLOP, TRAINED_METHODS
 from ..flops import kept_prunable_macs, prunable_macs
 from ..models import Adapter
 from ..training import GatedStudent
