@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,8 +18,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import UserError, first_line
-# choices only: validating a campaign imports no torch, Ray or MLflow (a bad line fails at once)
+# none of these imports torch, Ray or MLflow: a bad campaign fails at once (tests/test_sweep_cli.py)
 from ..choices import (
     ALLOCATIONS,
     CHECKPOINT_EVERY,
@@ -35,6 +33,8 @@ from ..choices import (
     looks_like_path,
     parse_memory,
 )
+from ..errors import UserError, first_line
+from ..packaged import cache_root
 
 # Tasks on other nodes (and workers started in another directory) resolve a relative path
 # against their own working directory: the campaign holds --out only as an absolute path.
@@ -180,7 +180,7 @@ class Campaign(BaseModel):
 
     def stats_dir(self) -> Path:
         """The statistics cache, absolute: per-site tasks write it from their own directories."""
-        base = self.cache_dir if self.cache_dir is not None else Path(os.environ.get("GFPRUNE_RAY_CACHE", Path.home() / ".cache" / "gfprune-ray")) / "stats"
+        base = self.cache_dir if self.cache_dir is not None else cache_root() / "stats"
         return base.expanduser().absolute()
 
 
