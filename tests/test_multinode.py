@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import make_tokenizer, run_cli, free_port, save_tiny, sentences, start_ray_node, stop_ray_node
+from conftest import free_port, make_tokenizer, run_cli, save_tiny, sentences, start_ray_node, stop_ray_node
 from mlflow.tracking import MlflowClient
 from test_jobs import _env
 
