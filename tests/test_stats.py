@@ -91,11 +91,13 @@ def test_padding_is_excluded(name):
     _assert_stats_close(collect_stats(adapter, longer), stats, 1e-5)
 
 
-def test_gram_stats_match_direct_sums():
-    """GramStats.add_ is sum x x^T, sum x and a count, whatever the batch split."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(50, 7, generator=g)
-    s = GramStats.zeros(7)
+@pytest.mark.parametrize("width", [7, 700])
+def test_gram_stats_match_direct_sums(width):
+    """GramStats.add_ is sum x x^T, sum x and a count, whatever the batch split; 700 columns are
+    accumulated in 8 blocks of rows (the last one partial) and mirrored below the diagonal."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(50, width, generator=g) + torch.linspace(-1, 1, width)  # columns with different means
+    s = GramStats.zeros(width)
     s.add_(x[:5])
     s.add_(x[5:20])
     s.add_(x[20:])
