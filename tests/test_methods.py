@@ -268,6 +268,22 @@ def test_r2_equals_kcm_by_definition_and_varies_across_units():
             assert expected[:3].max() < 0.6 * expected[3:].min()
 
 
+def test_kcm_with_kernel_entries_in_floats_denormal_range_keeps_its_definition():
+    """Kernel entries below KERNEL_FLOOR are set to 0 (far points: float32's denormal range made
+    SmolLM2's KCM 5x slower); C_ii stays KCM's by definition, computed in float64 without a floor,
+    on points whose kernel spans 0.9 (a near pair) to 1e-70, denormal values included."""
+    from gfprune_ray.methods.gfp import KERNEL_FLOOR
+
+    axes = torch.eye(4)
+    points = torch.stack([0 * axes[0], 0.3 * axes[0], 2.2 * axes[0], 2.6 * axes[1], 3.0 * axes[2], 6.0 * axes[3], 9.0 * axes[0], 9.0 * axes[1]])
+    points = points + 0.01 * torch.randn(points.shape, generator=torch.Generator().manual_seed(3))
+    kernel = torch.exp(-torch.cdist(points.double(), points.double()) ** 2)
+    assert ((kernel > 0) & (kernel < torch.finfo(torch.float32).tiny)).any() and (kernel < KERNEL_FLOOR).any()
+    expected = torch.tensor(_kcm_by_definition(points.double().tolist()), dtype=torch.float64)
+    torch.testing.assert_close(kcm_self_weights(points), expected, rtol=1e-5, atol=0)
+    assert expected[:2].max() < 0.7 < 0.99 < expected[2:].min()  # the near pair stand in for each other
+
+
 def test_curvature_weighted_energy_is_the_mean_quadratic_form_of_each_units_output():
     """gfp's D2 with the output curvature G: per unit, the mean over tokens of
     (W_u x_u)^T G (W_u x_u), computed here token by token from the inputs themselves."""
