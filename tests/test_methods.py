@@ -269,9 +269,10 @@ def test_r2_equals_kcm_by_definition_and_varies_across_units():
 
 
 def test_kcm_with_kernel_entries_in_floats_denormal_range_keeps_its_definition():
-    """Kernel entries below KERNEL_FLOOR are set to 0 (far points: float32's denormal range made
-    SmolLM2's KCM 5x slower); C_ii stays KCM's by definition, computed in float64 without a floor,
-    on points whose kernel spans 0.9 (a near pair) to 1e-70, denormal values included."""
+    """Kernel entries below KERNEL_FLOOR are set to 0 (far points: products of their tiny entries
+    fell into float32's denormal range and made SmolLM2's KCM 5x slower); C_ii stays KCM's by
+    definition, computed in float64 without a floor, on points whose kernel spans 0.9 (a near
+    pair) to 1e-70, denormal values included."""
     from gfprune_ray.methods.gfp import KERNEL_FLOOR
 
     axes = torch.eye(4)

@@ -50,10 +50,11 @@ MAX_ITERATIONS = 300
 # Measured (README, "gfp, exactly"): the same heads and neurons kept and fidelity within 0.002 on
 # three corpora for MiniLM and MPNet, whose scoring took 3.5x and 6x less time.
 KCM_BLOCK = 1024
-# Kernel entries below this are set to 0. Far points' entries (SmolLM2's output columns are
-# mostly 3 to 8 apart at sigma 1) fall into float32's denormal range, where x86 arithmetic is
-# much slower: its KCM took 26 s, 5 s with the floor, with the same C_ii on every site of SmolLM2,
-# MiniLM and MPNet. The floor is far below float32's resolution next to K_ii = 1.
+# Kernel entries below this are set to 0. SmolLM2's output columns are mostly 3 to 8 apart at
+# sigma 1, so most of its kernel entries are tiny and the updates' products of them fall into
+# float32's denormal range, where x86 arithmetic is much slower: its KCM took 26 s, 5 s with the
+# floor, with the same C_ii on every site of SmolLM2, MiniLM and MPNet. The floor is far below
+# float32's resolution next to K_ii = 1.
 KERNEL_FLOOR = 1e-12
 KCM_PARTITION_SEED = 0
 
