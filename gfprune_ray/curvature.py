@@ -70,8 +70,14 @@ def example_generator(ids: torch.Tensor, seed: int) -> torch.Generator:
 
 
 def _draw(probs: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """One class per row of `probs`, drawn on the CPU (where the generator lives)."""
-    return torch.multinomial(probs.detach().cpu(), 1, generator=rng).to(probs.device)
+    """One class per row of `probs`, drawn on the CPU (where the generator lives) by inverting its
+    cumulative distribution with one uniform number per row. torch.multinomial draws one random
+    number per class: over SmolLM2's 49,152 words it took 2.2 s per 1,600 tokens, half a forward
+    pass; this takes 0.15 s. The cumulative sums are float64, so their rounding is far below any
+    class's probability that matters."""
+    cdf = probs.detach().to("cpu", torch.float64).cumsum(-1)
+    u = torch.rand((cdf.shape[0], 1), generator=rng, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).to(probs.device)
 
 
 def sampled_loss(outputs, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> torch.Tensor:

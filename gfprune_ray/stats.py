@@ -28,8 +28,9 @@ from .models import KINDS, Adapter, BlockGeometry, Kind
 
 GRADS_PART = "grads"
 # 2: held-out statistics are every 5th example; 3: a `grads` part (output curvature); 4: a checksum;
-# 5: a folder with one file per site (stats_store.py)
-FORMAT_VERSION = 5
+# 5: a folder with one file per site (stats_store.py); 6: sampled targets drawn by inverse CDF
+# (the curvature of models with logits differs from format 5's by the random draws)
+FORMAT_VERSION = 6
 Site = tuple[int, Kind]
 # A batch's Gram is computed in blocks of rows: GRAM_BLOCKS of them, each at least GRAM_MIN_ROWS
 # (thinner products lose BLAS efficiency) and at most GRAM_ROWS (bounds the temporaries).

@@ -187,6 +187,21 @@ def test_costs_rank_a_dead_unit_first_and_scale_with_g():
     torch.testing.assert_close(surgeon.unit_costs(weights, doubled), 2 * costs)
 
 
+def test_sampled_targets_follow_the_models_probabilities():
+    """The draws of the curvature's sampled targets: each class as often as its probability says
+    (within 4 standard errors over 40,000 rows), never one of probability 0, one per row."""
+    from gfprune_ray.curvature import _draw
+
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.6, 0.1])
+    rows = 40_000
+    draws = _draw(probs.expand(rows, -1), torch.Generator().manual_seed(0))
+    assert draws.shape == (rows, 1)
+    frequency = torch.bincount(draws.flatten(), minlength=len(probs)).double() / rows
+    standard_error = (probs.double() * (1 - probs.double()) / rows).sqrt()
+    assert (frequency - probs.double()).abs().le(4 * standard_error + 1e-12).all(), frequency
+    assert frequency[1] == 0
+
+
 def test_curvature_does_not_depend_on_batching():
     """Targets are sampled per example, the loss is a sum: the same rows batched differently give
     the same A and G, which is what lets shards add up."""
