@@ -93,6 +93,7 @@ def one_repeat(adapter, batches: list[dict], seq_len: float, a: argparse.Namespa
         surgeon = plan_llm_surgeon(adapter, batches, a.budget, seq_len, a.surgeon_shots)
         copied = adapter_for(copy.deepcopy(adapter.model))
         surgery_s = seconds(lambda: apply_pruning(copied, surgeon.masks, surgeon.weights))
+        row |= {f"surgeon_{k}": v for k, v in surgeon.timings.items()}  # summed over the shots
         row["surgeon_s"] = sum(surgeon.timings.values()) + surgery_s
         row["surgeon_in_prunes"] = row["surgeon_s"] / row["prune_s"]
     return row
