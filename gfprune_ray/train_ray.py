@@ -62,6 +62,19 @@ def _report(training: GatedTraining, rank: int, final: dict | None = None, model
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def _report_finished(checkpoint, rank: int) -> bool:
+    """A run killed after its final checkpoint (the cut model and outcome) but before its caller
+    saved the model restores that checkpoint: report it again as this run's result, instead of
+    loading the cut student's state into a full-size one. True if it was final."""
+    import ray.train
+
+    with checkpoint.as_directory() as folder:
+        if not (Path(folder) / OUTCOME_FILE).exists():
+            return False
+        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+    return True
+
+
 def train_loop(config: dict) -> None:
     """What each Ray Train worker runs."""
     import ray.train
@@ -70,18 +83,20 @@ def train_loop(config: dict) -> None:
     from .loading import load_model
 
     job: TrainJob = config["job"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and _report_finished(checkpoint, rank):
+        return
     torch.set_num_threads(max(1, job.threads))
     model, _ = load_model(job.source)
     adapter = adapter_for(model)
     dense_geoms = adapter.geometries()
     student = student_for(job.method, adapter, job.seq_len)
     training = GatedTraining(student, job.schedule)
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             training.load(folder)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if world > 1:
         # DDP. In the fine-tuning phase no gradient reaches the gates or the multipliers: DDP must
