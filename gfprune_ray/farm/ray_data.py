@@ -64,8 +64,8 @@ def read_dataset(source: str) -> ray.data.Dataset:
     """The examples of a data source as a Ray Dataset with a `text` column (and `label` if any)."""
     if source in CORPORA:
         texts = CORPORA[source]()
-        # Ray's default of 200 blocks makes every pass over a few thousand paragraphs 200 tasks:
-        # about 2 s each on 2 cores, against 0.1 s in blocks of this size
+        # Ray's default of 200 blocks makes every pass over a few thousand paragraphs 200 tasks,
+        # about 2 s per pass on 2 cores, against 0.1 s in blocks of this size
         blocks = max(1, min(-(-len(texts) // CORPUS_ROWS_PER_BLOCK), MAX_BLOCKS))
         return ray.data.from_items([{"text": t} for t in texts], override_num_blocks=blocks)
     check_source(source)
