@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from gfprune_ray.curvature import sampled_loss
+from gfprune_ray.curvature import activation_gradients, sampled_loss
 from gfprune_ray.data import mean_tokens_per_sequence, read_examples
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
@@ -61,20 +61,11 @@ def forward(model, batches: list[dict]) -> None:
 
 
 def forward_backward(model, batches: list[dict]) -> None:
-    """The curvature pass without its hooks: gradients of activations only, as curvature.py takes them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    handle = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_())
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            for b in batches:
-                ids, mask = b["input_ids"], b["attention_mask"]
-                sampled_loss(model(input_ids=ids, attention_mask=mask), ids, mask, 0).backward()
-    finally:
-        handle.remove()
-        for p in params:
-            p.requires_grad_(True)
+    """The curvature pass without its statistics' hooks (curvature.activation_gradients)."""
+    with activation_gradients(model):
+        for b in batches:
+            ids, mask = b["input_ids"], b["attention_mask"]
+            sampled_loss(model(input_ids=ids, attention_mask=mask), ids, mask, 0).backward()
 
 
 def one_repeat(adapter, batches: list[dict], seq_len: float, a: argparse.Namespace) -> dict:

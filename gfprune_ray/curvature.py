@@ -23,7 +23,8 @@ loss is a sum over tokens (not a mean), for the same reason.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,24 @@ def record_output_gradients(adapter: Adapter, grads: ModelStats, routing: BatchR
     return [adapter.output_projection(i, kind).register_forward_hook(hook_for((i, kind))) for (i, kind) in grads.sites]
 
 
+@contextmanager
+def activation_gradients(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: grad mode on, parameters get no gradients, and the input embeddings are made to
+    require one instead, so a backward pass computes gradients of activations only, none of the
+    weights. Parameters and hooks are restored on exit."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    handle = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_())
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            yield
+    finally:
+        handle.remove()
+        for p in params:
+            p.requires_grad_(True)
+
+
 def collect_curvature(
     adapter: Adapter,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -130,25 +149,18 @@ def collect_curvature(
     sites: Iterable[Site] | None = None,
 ) -> Curvature:
     """A (fit / held-out by the rows' `heldout` flag) and G of `sites` (default: every site) over
-    `batches`. A group of sites gets exactly the values a pass over every site gives them: each
-    accumulator sees the same products in the same order.
-
-    Parameters get no gradients: the input embeddings are made to require one instead, so the
-    backward pass computes gradients of activations only."""
+    `batches`, one forward and one backward pass (`activation_gradients`) per batch. A group of
+    sites gets exactly the values a pass over every site gives them: each accumulator sees the
+    same products in the same order."""
     fit, heldout = empty_stats(adapter, sites), empty_stats(adapter, sites)
     grads = ModelStats({site: GramStats.zeros(adapter.hidden_size) for site in fit.sites})
     routing = BatchRouting()
     model = adapter.model
-    embeddings = model.get_input_embeddings()
     handles = record_inputs(adapter, fit, heldout, routing) + record_output_gradients(adapter, grads, routing)
-    handles.append(embeddings.register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
-    params = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
     model.eval()
     try:
-        for p in params:
-            p.requires_grad_(False)
-        with torch.enable_grad():
+        with activation_gradients(model):
             for batch in batches:
                 tokens = routing.start(batch)
                 ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -158,7 +170,5 @@ def collect_curvature(
     finally:
         for handle in handles:
             handle.remove()
-        for p in params:
-            p.requires_grad_(True)
         model.train(was_training)
     return Curvature(fit, heldout, grads)

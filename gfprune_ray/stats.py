@@ -56,10 +56,11 @@ class GramStats:
         self.n += x32.shape[0]
         width = x32.shape[1]
         # The Gram is symmetric: each block of rows is multiplied only with the columns from its
-        # diagonal on, and the part right of the diagonal block is mirrored below it. About 9/16 of
-        # the full product's multiply-adds at 8 blocks (BLAS syrk would do 1/2, but torch has none
-        # and SciPy's was slower than torch's matmul in a quick try). Blocks also bound the float32 product and its
-        # float64 copy: a 7B FFN's 11008-wide Gram in one piece would be 1.5 GB of temporaries.
+        # diagonal on, and the part right of the diagonal block is mirrored below it. About 9/16
+        # of the full product's multiply-adds at 8 blocks (BLAS syrk would do 1/2, but torch has
+        # none and SciPy's was slower than torch's matmul in a quick try). Blocks also bound the
+        # float32 product and its float64 copy: a 7B FFN's 11008-wide Gram in one piece would be
+        # 1.5 GB of temporaries.
         rows = min(GRAM_ROWS, max(GRAM_MIN_ROWS, -(-width // GRAM_BLOCKS)))
         for start in range(0, width, rows):
             end = min(start + rows, width)
