@@ -36,15 +36,15 @@ corpora:
 	else echo "warning: could not fetch r-cran-janeaustenr with apt; the austen corpus and its tests are unavailable" >&2; fi; \
 	rm -rf "$$tmp"
 
-# A real sweep on the bundled example: the packaged all-MiniLM-L6-v2, the bundled pydoc text,
-# budgets 0.9 to 0.5, gfp, two baselines and llm-surgeon (5 shots), on embedded Ray with a local MLflow store (mlflow.db).
-# The first command a newcomer runs: gfp against magnitude at four budgets, in minutes.
+# The first command a newcomer runs, a real sweep on the bundled example: the packaged
+# all-MiniLM-L6-v2 calibrated on the bundled pydoc text, gfp against magnitude at four budgets, on
+# embedded Ray with a local MLflow store (mlflow.db), in minutes.
 demo: $(STAMP)
 	$(BIN)/gfprune-ray sweep --models examples/models.txt --data pydoc --eval-data pydoc,austen,licenses --budgets 0.9,0.8,0.7,0.6 \
 		--methods gfp,magnitude --experiment demo --out runs/demo
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (experiment 'demo')"
 
-# Every method at five budgets (llm-surgeon's shots are most of its time; see README).
+# Every method at five budgets (llm-surgeon's 5 shots, shared by the budgets, are most of its time; see README).
 demo-full: $(STAMP)
 	$(BIN)/gfprune-ray sweep --models examples/models.txt --data pydoc --eval-data pydoc,austen,licenses --budgets 0.9,0.8,0.7,0.6,0.5 \
 		--methods gfp,fluctuation,magnitude,llm-surgeon --experiment demo-full --out runs/demo-full

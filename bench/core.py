@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from gfprune_ray.choices import STEPS_CPU
 from gfprune_ray.data import mean_tokens_per_sequence, read_examples, split_examples, tokenize
 from gfprune_ray.evaluate import QualityReference, efficiency
 from gfprune_ray.loading import load_model
+from gfprune_ray.methods.surgeon import step_for_shots
+from gfprune_ray.methods.trained import kept_fraction, student_for
 from gfprune_ray.models import adapter_for
 from gfprune_ray.pipeline import calibrate, plan_llm_surgeon, reconstruct_sites, score_sites, search_masks
-from gfprune_ray.choices import STEPS_CPU
-from gfprune_ray.methods.trained import kept_fraction, student_for
 from gfprune_ray.single import PruneOptions, prepare_batches
 from gfprune_ray.surgery import apply_pruning
 from gfprune_ray.training import GatedTraining, Schedule, run_training
@@ -98,7 +99,7 @@ def measured(ctx: dict, masks, weights, args, with_latency: bool) -> dict:
 def run_surgeon(ctx: dict, budget: float, shots: int, args) -> dict:
     """llm-surgeon from scratch: its prune time is every shot's curvature, costs and updates."""
     calibration = ctx["calibration"]
-    result, plan_s = timed(plan_llm_surgeon, ctx["adapter"], ctx["calib_batches"], budget, calibration.seq_len, shots)
+    result, plan_s = timed(plan_llm_surgeon, ctx["adapter"], ctx["calib_batches"], budget, calibration.seq_len, step_for_shots(budget, shots))
     row = dict(method="llm-surgeon", budget=budget, reconstruction=f"T={shots}", allocation="global", shots=shots)
     row |= measured(ctx, result.masks, result.weights, args, with_latency=True)
     row |= result.timings | {"plan_s": plan_s}

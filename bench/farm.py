@@ -1,8 +1,9 @@
 """Farm benchmark: what the sweep saves by reusing statistics, how collection scales with workers,
-and what Ray and MLflow cost on top of the single-process core.
+what Ray and MLflow cost on top of the single-process core, and what llm-surgeon's budgets share.
 
     .venv/bin/python bench/farm.py                 # this machine (embedded Ray)
     .venv/bin/python bench/farm.py --workers 8     # a GPU machine: one worker per GPU
+    .venv/bin/python bench/farm.py --parts surgeon # one part again; the others stay as the JSON has them
 
 Whole commands are timed as a user runs them (`gfprune-ray sweep` / `gfprune-ray prune`, each a
 fresh process), on the packaged MiniLM and a second model of the same shape with random weights
@@ -34,6 +35,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=128)
     p.add_argument("--latency-repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="workers of the scaling run (the GPU count on a GPU machine)")
+    p.add_argument("--surgeon-budgets", default="0.9,0.8,0.7,0.6,0.5", help="llm-surgeon's sweep, against its lowest budget alone")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"which benchmarks to run (default all: {','.join(PARTS)})")
     p.add_argument("--out", type=Path, default=RESULTS / "farm.json")
     return p.parse_args()
 
@@ -66,8 +69,8 @@ def common(a) -> list:
     return ["--data", "pydoc", "--samples", a.samples, "--eval-samples", a.eval_samples, "--latency-repeats", a.latency_repeats, "--seq-len", 128, "--batch-size", 32]
 
 
-def sweep_args(a, models: Path, work: Path, name: str, budgets: str, workers: int = 1) -> list:
-    return ["sweep", "--models", models, "--budgets", budgets, "--methods", "gfp", "--out", work / name, "--experiment", name,
+def sweep_args(a, models: Path, work: Path, name: str, budgets: str, workers: int = 1, method: str = "gfp") -> list:
+    return ["sweep", "--models", models, "--budgets", budgets, "--methods", method, "--out", work / name, "--experiment", name,
             "--tracking-uri", f"sqlite:///{work / name}.db", "--cache-dir", work / f"{name}-cache", "--workers", workers, *common(a)]
 
 
@@ -130,21 +133,48 @@ def overhead(a, work: Path) -> dict:
     return {"farm_s": farm_s, "core_s": core_s, "ratio": farm_s / core_s, "target_ratio": 1.3}
 
 
+def surgeon(a, work: Path) -> dict:
+    """llm-surgeon swept over several budgets against the same sweep at its lowest budget alone:
+    the budgets share the shots of the lowest one's path, so the difference is their evaluations."""
+    listing = work / "one-model.txt"
+    listing.write_text(MINILM + "\n")
+    lowest = min(a.surgeon_budgets.split(","), key=float)
+    many_s = run(sweep_args(a, listing, work, "surgeon-many", a.surgeon_budgets, method="llm-surgeon"), work)
+    one_s = run(sweep_args(a, listing, work, "surgeon-one", lowest, method="llm-surgeon"), work)
+    return {"budgets": a.surgeon_budgets, "lowest": lowest, "sweep_s": many_s, "lowest_alone_s": one_s, "ratio": many_s / one_s, "target_ratio": 1.5}
+
+
+PARTS = {"reuse": reuse, "overhead": overhead, "scaling": scaling, "surgeon": surgeon}
+
+
+def table(results: dict) -> str:
+    rows = ["| benchmark | measured | target | met |", "|---|---|---|---|"]
+    if r := results.get("reuse"):
+        rows.append(f"| reuse: sweep of {r['units']} units vs independent prunes | {r['sweep_s']:.0f} s vs {r['independent_prunes_s']:.0f} s = {r['speedup']:.2f}x | >= 3x | {r['speedup'] >= 3} |")
+        rows.append(f"| reuse: sweep wall in collections | {r['sweep_in_collections']:.2f} | <= {r['target_in_collections']:.1f} | {r['sweep_in_collections'] <= r['target_in_collections']} |")
+    if o := results.get("overhead"):
+        rows.append(f"| overhead: farm vs core, 1 model 1 budget | {o['farm_s']:.0f} s vs {o['core_s']:.0f} s = {o['ratio']:.2f}x | <= 1.3x | {o['ratio'] <= 1.3} |")
+    if s := results.get("scaling"):
+        rows.append(f"| scaling: collection 1 vs {s['workers']} workers | {s['speedup']:.2f}x, efficiency {s['efficiency']:.2f} | (report) | - |")
+    if u := results.get("surgeon"):
+        rows.append(f"| llm-surgeon: sweep of budgets {u['budgets']} vs {u['lowest']} alone | {u['sweep_s']:.0f} s vs {u['lowest_alone_s']:.0f} s = "
+                    f"{u['ratio']:.2f}x | <= 1.5x | {u['ratio'] <= 1.5} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     a = parse_args()
+    parts = a.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        raise SystemExit(f"unknown parts: {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    results = json.loads(a.out.read_text()) if a.out.exists() and set(parts) != set(PARTS) else {}
+    results |= {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        models = [MINILM, str(second_model(work / "minilm-random"))]
-        results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "settings": vars(a) | {"out": str(a.out)}}
-        results["reuse"] = reuse(a, work, models)
-        results["overhead"] = overhead(a, work)
-        results["scaling"] = scaling(a, work)
-    r, o, s = results["reuse"], results["overhead"], results["scaling"]
-    print("| benchmark | measured | target | met |\n|---|---|---|---|")
-    print(f"| reuse: sweep of {r['units']} units vs independent prunes | {r['sweep_s']:.0f} s vs {r['independent_prunes_s']:.0f} s = {r['speedup']:.2f}x | >= 3x | {r['speedup'] >= 3} |")
-    print(f"| reuse: sweep wall in collections | {r['sweep_in_collections']:.2f} | <= {r['target_in_collections']:.1f} | {r['sweep_in_collections'] <= r['target_in_collections']} |")
-    print(f"| overhead: farm vs core, 1 model 1 budget | {o['farm_s']:.0f} s vs {o['core_s']:.0f} s = {o['ratio']:.2f}x | <= 1.3x | {o['ratio'] <= 1.3} |")
-    print(f"| scaling: collection 1 vs {s['workers']} workers | {s['speedup']:.2f}x, efficiency {s['efficiency']:.2f} | (report) | - |")
+        for part in parts:
+            extra = [[MINILM, str(second_model(work / "minilm-random"))]] if part == "reuse" else []
+            results[part] = PARTS[part](a, work, *extra) | {"settings": vars(a) | {"out": str(a.out)}}
+    print(table(results))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {a.out}")

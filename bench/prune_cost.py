@@ -27,6 +27,7 @@ import torch
 from gfprune_ray.curvature import activation_gradients, sampled_loss
 from gfprune_ray.data import mean_tokens_per_sequence, read_examples
 from gfprune_ray.loading import load_model
+from gfprune_ray.methods.surgeon import step_for_shots
 from gfprune_ray.models import adapter_for
 from gfprune_ray.pipeline import calibrate, plan, plan_llm_surgeon
 from gfprune_ray.single import PruneOptions, prepare_batches
@@ -81,7 +82,7 @@ def one_repeat(adapter, batches: list[dict], seq_len: float, a: argparse.Namespa
     row["prune_s"] = sum(row[k] for k in ("collect_s", "score_s", "search_s", "reconstruct_s", "surgery_s"))
     row["prune_in_forward_passes"] = row["prune_s"] / row["forward_s"]
     if a.surgeon_shots:
-        surgeon = plan_llm_surgeon(adapter, batches, a.budget, seq_len, a.surgeon_shots)
+        surgeon = plan_llm_surgeon(adapter, batches, a.budget, seq_len, step_for_shots(a.budget, a.surgeon_shots))
         copied = adapter_for(copy.deepcopy(adapter.model))
         surgery_s = seconds(lambda: apply_pruning(copied, surgeon.masks, surgeon.weights))
         row |= {f"surgeon_{k}": v for k, v in surgeon.timings.items()}  # summed over the shots

@@ -48,6 +48,7 @@ import transformers
 
 from gfprune_ray.data import mean_tokens_per_sequence, read_examples
 from gfprune_ray.loading import load_model
+from gfprune_ray.methods.surgeon import step_for_shots
 from gfprune_ray.models import adapter_for
 from gfprune_ray.pipeline import calibrate, plan, plan_llm_surgeon, score_sites
 from gfprune_ray.single import PruneOptions, check_seq_len, prepare_batches, read_other_corpora, references
@@ -213,7 +214,7 @@ def bench_calibration(adapter, tokenizer, calib: str, corpus: tuple, opts: Prune
     rows, cut_diff, scores = [], None, {}
     for method, reconstruction, allocation, budget, shots in planned:
         if method == "llm-surgeon":
-            result, plan_s = timed(plan_llm_surgeon, adapter, calib_batches, budget, seq_len, shots, opts.seed)
+            result, plan_s = timed(plan_llm_surgeon, adapter, calib_batches, budget, seq_len, step_for_shots(budget, shots), opts.seed)
         else:
             if method not in scores:  # scores depend on neither budget, reconstruction nor allocation: computed once
                 scores[method] = timed(before_scores, adapter, calibration) if method == BEFORE else \

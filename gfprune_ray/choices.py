@@ -21,7 +21,9 @@ RECONSTRUCTIONS: tuple[str, ...] = ("full", "scale", "none")
 ALLOCATIONS: tuple[str, ...] = ("global", "uniform")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
-SHOTS = 5  # llm-surgeon on CPU: each shot costs one forward and backward pass over the calibration text
+# llm-surgeon: a shot removes at most this fraction of the prunable MACs (budget 0.5: 5 shots); each
+# shot costs one forward and backward pass over the calibration text
+SHOT_STEP = 0.1
 STEPS_CPU = 200  # cofi, flop: a small model trains on a CPU in minutes (README)
 CHECKPOINT_EVERY = 50  # cofi, flop: a killed run loses at most this many steps
 

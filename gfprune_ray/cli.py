@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from .choices import CHECKPOINT_EVERY, STEPS_CPU
+from .choices import CHECKPOINT_EVERY, SHOT_STEP, STEPS_CPU
 from .errors import UserError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,7 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DATA_HELP = "Text file (one example per line), JSONL or Parquet with a 'text' column, a folder of those, a named corpus ('pydoc': the bundled English corpus; 'austen': Jane Austen's novels, from 'make corpora'; 'licenses': Debian's license texts), or a hub dataset name."
+DATA_HELP = ("Text file (one example per line), JSONL or Parquet with a 'text' column, a folder of those, a named corpus ('pydoc': the "
+             "bundled English corpus; 'austen': Jane Austen's novels, from 'make corpora'; 'licenses': Debian's license texts), or a hub dataset name.")
 EVAL_DATA_HELP = ("More corpora to measure quality on, comma-separated, each anything --data takes (e.g. pydoc,austen,licenses): "
                   "each gives --eval-samples examples and its own metrics, <metric>/<corpus>. The calibration data is always "
                   "measured, on the examples held back from calibration.")
@@ -34,6 +35,8 @@ STEPS_HELP = ("cofi, flop: steps that train the gates with the weights; a quarte
               "they chose. 200 runs a small model on a CPU in minutes, far from the papers' quality (README); on GPUs use "
               "about 10000 (the papers train for epochs).")
 CHECKPOINT_HELP = "cofi, flop: training steps between checkpoints; a killed run resumes from the last one when the same command runs again."
+SHOT_STEP_HELP = ("llm-surgeon: the most of the prunable MACs one shot removes (curvature is collected again on the partly "
+                  "pruned model before each shot): budget 0.6 takes 4 shots at 0.1, 0.75 takes 3 (0.9, 0.8, 0.75).")
 LATENCY_HELP = ("Timed forward passes of each model per latency measurement, taking turns (the median is reported, with the "
                 "spread of the speedup from 3 on); 0 skips latency.")
 STATS_MEMORY_HELP = ("Most statistics (float64 Grams) one process holds in a collection pass, e.g. 6GB: a model whose statistics "
@@ -90,7 +93,7 @@ def prune(
     stats: Path | None = typer.Option(None, help="Statistics folder: reused when it exists (refused if it belongs to another model or data), written otherwise."),
     stats_memory: str | None = typer.Option(None, help=STATS_MEMORY_HELP, show_default="an eighth of this machine's RAM"),
     latency_repeats: int = typer.Option(5, help=LATENCY_HELP),
-    shots: int = typer.Option(5, help="llm-surgeon: shots to reach the budget, each with curvature collected again on the partly pruned model."),
+    shot_step: float = typer.Option(SHOT_STEP, help=SHOT_STEP_HELP),
     steps: int = typer.Option(STEPS_CPU, help=STEPS_HELP),
     checkpoint_every: int = typer.Option(CHECKPOINT_EVERY, help=CHECKPOINT_HELP),
     dtype: str | None = typer.Option(None, help="Load the model in float32, bfloat16 or float16 and save it so (not for cofi, flop); statistics still add up in float64.",
@@ -102,7 +105,7 @@ def prune(
     from .single import PruneOptions, prune_model
 
     memory = None if stats_memory is None else _run(lambda: parse_memory(stats_memory))
-    opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shots, steps,
+    opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shot_step, steps,
                         checkpoint_every, dtype, memory)
     report = _run(lambda: prune_model(model, data, opts, out, stats, force, _names(eval_data)))
     _print_report(f"{model} @ budget {budget} ({method}, {reconstruct}; calibrated on {report['calibration_corpus']})", report["metrics"], report["timings"])
@@ -171,7 +174,8 @@ def sweep(
     register: str | None = typer.Option(None, help="Register every pruned model as a version of this MLflow registered model (each is also logged as an MLflow model of its unit run)."),
     cache_dir: Path | None = typer.Option(None, help="Statistics cache, reused by later campaigns (default: GFPRUNE_RAY_CACHE or ~/.cache/gfprune-ray)."),
     latency_repeats: int | None = typer.Option(None, help=LATENCY_HELP, show_default="5"),
-    shots: int | None = typer.Option(None, help="llm-surgeon: shots per budget, each a farm round on the partly pruned model.", show_default="5"),
+    shot_step: float | None = typer.Option(None, help=SHOT_STEP_HELP + " A sweep runs the shots of its lowest budget once; the other "
+                                           "budgets branch off that path.", show_default=str(SHOT_STEP)),
     steps: int | None = typer.Option(None, help=STEPS_HELP, show_default=str(STEPS_CPU)),
     checkpoint_every: int | None = typer.Option(None, help=CHECKPOINT_HELP, show_default=str(CHECKPOINT_EVERY)),
     stats_memory: str | None = typer.Option(None, help=STATS_MEMORY_HELP + " Per collection actor.",
@@ -192,7 +196,7 @@ def sweep(
         "eval_samples": eval_samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
         "reconstruction": reconstruct, "allocation": allocation, "workers": workers, "out": out, "experiment": experiment,
         "address": address, "tracking_uri": tracking_uri, "save_models": save_models, "register_model": register, "cache_dir": cache_dir,
-        "latency_repeats": latency_repeats, "shots": shots, "steps": steps,
+        "latency_repeats": latency_repeats, "shot_step": shot_step, "steps": steps,
         "checkpoint_every": checkpoint_every, "stats_memory": stats_memory, "dtype": dtype,
     }
     campaign = _run(lambda: load_campaign(config, models, **options))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .choices import SHOTS
+from .choices import SHOT_STEP
 from .curvature import Curvature, collect_curvature
 from .data import heldout_flags
 from .flops import check_budget
@@ -193,17 +193,18 @@ def plan_llm_surgeon(
     batches: list[dict],
     budget: float,
     seq_len: float,
-    shots: int = SHOTS,
+    shot_step: float = SHOT_STEP,
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
 ) -> PruneResult:
-    """LLM Surgeon to `budget` in `shots` shots; the model is not touched. Each shot collects
-    curvature on the model as pruned so far, so the result is relative to the dense model."""
+    """LLM Surgeon to `budget` in shots of at most `shot_step` of the prunable MACs; the model is
+    not touched. Each shot collects curvature on the model as pruned so far, so the result is
+    relative to the dense model."""
     dense_geoms = adapter.geometries()
     state = surgeon.SurgeonState.dense(dense_geoms)
     dense_weights = {site: adapter.unit_weights(*site) for site in state.kept}
     marked = mark_heldout(batches)
-    for target in surgeon.shot_targets(check_budget(budget), shots):
+    for target in surgeon.shot_targets(check_budget(budget), shot_step):
         start = time.perf_counter()
         curvature = collect_curvature(surgeon_model(adapter, state), marked, seed, on_batch)
         state = surgeon_shot(state, curvature, dense_weights, dense_geoms, target, seq_len, time.perf_counter() - start)

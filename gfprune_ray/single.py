@@ -21,7 +21,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from . import __version__
-from .choices import CHECKPOINT_EVERY, DTYPES, METHOD_NAMES, SHOTS, STEPS_CPU, SURGEON, TRAINED_METHODS
+from .choices import CHECKPOINT_EVERY, DTYPES, METHOD_NAMES, SHOT_STEP, STEPS_CPU, SURGEON, TRAINED_METHODS
 from .curvature import collect_curvature
 from .data import Examples, batches_fingerprint, evaluation_sources, mean_tokens_per_sequence, read_examples, split_examples, tokenize, with_labels
 from .errors import UserError, first_line
@@ -29,6 +29,7 @@ from .evaluate import CorpusReferences, dense_counts, efficiency
 from .flops import check_budget
 from .loading import load_model, portable_source
 from .memory import release_memory
+from .methods.surgeon import shot_targets
 from .models import adapter_for
 from .outputs import check_writable_folder, scratch_folder, staged_output
 from .packaged import cache_root
@@ -53,7 +54,7 @@ class PruneOptions:
     batch_size: int = 32
     seed: int = 0
     latency_repeats: int = 5
-    shots: int = SHOTS  # llm-surgeon only
+    shot_step: float = SHOT_STEP  # llm-surgeon only: the most of the prunable MACs one shot removes
     steps: int = STEPS_CPU  # cofi and flop only: training steps
     checkpoint_every: int = CHECKPOINT_EVERY  # cofi and flop only: steps between checkpoints
     dtype: str | None = None  # the model's dtype; None: the checkpoint's own
@@ -71,9 +72,11 @@ class PruneOptions:
         ):
             if value not in allowed:
                 raise UserError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
-        for name in ("samples", "eval_samples", "seq_len", "batch_size", "shots", "steps", "checkpoint_every"):
+        for name in ("samples", "eval_samples", "seq_len", "batch_size", "steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.shot_step <= 1:
+            raise UserError(f"shot-step must be in (0, 1], got {self.shot_step}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         if self.dtype is not None and self.method in TRAINED_METHODS:
@@ -211,8 +214,9 @@ def _plan(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | N
         seq_len = mean_tokens_per_sequence(batches)
         if stats_path is not None:
             raise UserError("--stats does not apply to llm-surgeon: it collects curvature on the partly pruned model in every shot")
-        with bar("curvature", len(batches) * opts.shots) as step:
-            result = plan_llm_surgeon(adapter, batches, opts.budget, seq_len, opts.shots, opts.seed, on_batch=step)
+        shots = len(shot_targets(opts.budget, opts.shot_step))
+        with bar("curvature", len(batches) * shots) as step:
+            result = plan_llm_surgeon(adapter, batches, opts.budget, seq_len, opts.shot_step, opts.seed, on_batch=step)
         timings.update(result.timings)
         return result, _uncached_record(batches, seq_len)
     with ExitStack() as scratch:  # a scratch statistics folder lives until the plan is made

@@ -107,15 +107,16 @@ def test_unit_keys_are_deterministic_and_follow_what_changes_results(folder):
     assert len({u.key for u in units}) == len(units)
 
 
-def test_shots_key_only_llm_surgeon_units_and_reconstruction_does_not(folder):
+def test_shot_step_keys_only_llm_surgeon_units_and_reconstruction_does_not(folder):
     (folder / "models.txt").write_text("a-model method=gfp,llm-surgeon\n")
     keys = lambda **options: {u.method: u.key for u in load_campaign(models=folder / "models.txt", budgets=[0.6], **options).units()}
     base = keys()
-    assert keys(shots=3)["gfp"] == base["gfp"] and keys(shots=3)["llm-surgeon"] != base["llm-surgeon"]
+    assert keys(shot_step=0.2)["gfp"] == base["gfp"] and keys(shot_step=0.2)["llm-surgeon"] != base["llm-surgeon"]
     assert keys(reconstruction="scale")["llm-surgeon"] == base["llm-surgeon"], "llm-surgeon writes its own weights"
     assert keys(reconstruction="scale")["gfp"] != base["gfp"]
-    with pytest.raises(UserError, match="shots"):
-        load_campaign(models=folder / "models.txt", shots=0)
+    for bad in (0, 1.5):
+        with pytest.raises(UserError, match="shot_step"):
+            load_campaign(models=folder / "models.txt", shot_step=bad)
 
 
 def test_steps_key_only_training_units_and_checkpoint_interval_keys_nothing(folder):

@@ -188,7 +188,7 @@ def test_prune_and_eval_measure_every_evaluation_corpus(ws, tmp_path):
     [
         (["--help"], ["prune", "eval", "Prune MODEL to a MACs budget", "Measure a pruned model"]),
         (["prune", "--help"], ["model", "--out", "--data", "--eval-data", "--budget", "--method", "--reconstruct", "--allocation",
-                               "--samples", "--eval-samples", "--seq-len", "--batch-size", "--seed", "--stats", "--force", "--shots", "llm-surgeon",
+                               "--samples", "--eval-samples", "--seq-len", "--batch-size", "--seed", "--stats", "--force", "--shot-step", "llm-surgeon",
                                "--steps", "--checkpoint-every", "cofi or flop", "about 10000",
                                "Fraction of the prunable MACs to keep", "full, scale or none", "gfp, gfp-r2", "pydoc"]),
         (["eval", "--help"], ["path", "--data", "--eval-data", "--dense", "--eval-samples", "--samples", "--seq-len", "--seed",
@@ -226,7 +226,8 @@ BAD = {
     "unknown-method": (lambda ws, t: ["--method", "astrology"], None, lambda ws, t: ["method", "astrology"]),
     "unknown-reconstruction": (lambda ws, t: ["--reconstruct", "guess"], None, lambda ws, t: ["reconstruction", "guess"]),
     "foreign-stats": (lambda ws, t: ["--stats", ws.stats], lambda ws, t: ws.model_b, lambda ws, t: [ws.stats.name, "fingerprint"]),
-    "surgeon-shots-0": (lambda ws, t: ["--method", "llm-surgeon", "--shots", "0"], None, lambda ws, t: ["shots", "0"]),
+    "surgeon-shot-step-0": (lambda ws, t: ["--method", "llm-surgeon", "--shot-step", "0"], None, lambda ws, t: ["shot-step", "0"]),
+    "surgeon-shot-step-2": (lambda ws, t: ["--method", "llm-surgeon", "--shot-step", "2"], None, lambda ws, t: ["shot-step", "2"]),
     "stats-memory-not-a-size": (lambda ws, t: ["--stats-memory", "lots"], None, lambda ws, t: ["--stats-memory", "lots"]),
     "surgeon-with-stats": (lambda ws, t: ["--method", "llm-surgeon", "--stats", t / "s"], None, lambda ws, t: ["--stats", "llm-surgeon"]),
     # evaluation corpora are read before the model: with a missing model too, the error names the corpus

@@ -23,8 +23,8 @@ from gfprune_ray.curvature import collect_curvature
 from gfprune_ray.data import Examples, batches_fingerprint, heldout_flags, mean_tokens_per_sequence, read_examples, split_examples
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
-from gfprune_ray.methods.surgeon import SurgeonState
-from gfprune_ray.pipeline import calibrate, mark_heldout, surgeon_model, surgeon_shot
+from gfprune_ray.methods.surgeon import SurgeonState, shot_targets
+from gfprune_ray.pipeline import calibrate, mark_heldout, plan_llm_surgeon, surgeon_model, surgeon_shot
 from gfprune_ray.farm.ray_data import fingerprint_and_length, read_dataset, select_examples, shard, tokenize_rows
 from gfprune_ray.single import PruneOptions, prepare_batches, prune_model
 from gfprune_ray.farm.sweep import run_sweep
@@ -157,6 +157,40 @@ def test_two_actors_give_the_single_process_curvature(local_ray, ws, family, gro
                 assert _rel(farm_stats.gram, single_stats.gram) < 1e-6, (site, _rel(farm_stats.gram, single_stats.gram))
 
 
+def test_llm_surgeon_budgets_share_their_shots_and_each_equals_its_own_run(local_ray, ws):
+    """Budgets 0.8, 0.7 (off the grid), 0.6 and 0.5 at step 0.2: paths (0.8), (0.8, 0.7), (0.8, 0.6)
+    and (0.8, 0.6, 0.5) need curvature on 3 states (dense, after 0.8, after 0.6) where separate
+    runs collect 8 times; the actors' batch counter shows what ran. Every budget still gets the
+    masks and weights of its own single-process run."""
+    _, batches = _single_process(ws.gpt2, ws.data, 60, 16, 8)
+    calib, _ = _farm_data(ws.gpt2, ws.data, 60, 16, 8)
+    model, _ = load_model(str(ws.gpt2))
+    adapter = adapter_for(model)
+    seq_len = mean_tokens_per_sequence(batches)
+    info = ray.get(farm.describe.remote(str(ws.gpt2)))
+    shards = shard(calib, 2)
+    counter = farm.Counter.remote()
+    weights = farm.submit_site_weights(str(ws.gpt2), info.sites)
+    plan = surgeon_shots.ShotPlan(farm.start_collectors(str(ws.gpt2), 2, long_lived=True), shards, info.sites, info.geometries, weights,
+                                  seq_len, 8, 0, [info.sites], counter)
+    budgets = [0.8, 0.7, 0.6, 0.5]
+    chains, expected = surgeon_shots.submit_chains(plan, budgets, 0.2, lambda stage, refs: None)
+    assert expected == farm.shard_batches(shards, 8) * 3
+    for chain in chains:
+        masks, timings, recs = chain.outputs
+        want = plan_llm_surgeon(adapter, batches, chain.budget, seq_len, shot_step=0.2)
+        assert ray.get(timings)["shots"] == len(shot_targets(chain.budget, 0.2))
+        got = ray.get(masks).value
+        assert got.keep.keys() == want.masks.keep.keys()
+        for site, keep in want.masks.keep.items():
+            assert torch.equal(got.keep[site], keep), (chain.budget, site)
+        for site, rec in zip(info.sites, ray.get(recs)):
+            assert (rec.value is None) == (site not in want.weights), (chain.budget, site)
+            if rec.value is not None:
+                assert _rel(rec.value.weight, want.weights[site].weight) < 1e-5, (chain.budget, site)
+    assert ray.get(counter.value.remote()) == expected
+
+
 def test_a_killed_collection_actor_is_restarted_and_statistics_stay_exact(local_ray, ws):
     data = ws.root / "long.txt"
     data.write_text("\n".join(sentences(700, seed=3)) + "\n")
@@ -191,7 +225,7 @@ def swept(local_ray, ws):
     campaign = load_campaign(
         models=models, budgets=[0.8, 0.5], methods=["gfp", "magnitude"], data=str(ws.data), eval_data=[str(ws.data), str(ws.other)], samples=40, eval_samples=20,
         seq_len=16, batch_size=8, workers=2, out=ws.root / "out", experiment="farm-test", latency_repeats=1,
-        tracking_uri=f"sqlite:///{ws.root / 'mlflow.db'}", cache_dir=ws.root / "cache", shots=2, steps=12, checkpoint_every=5,
+        tracking_uri=f"sqlite:///{ws.root / 'mlflow.db'}", cache_dir=ws.root / "cache", shot_step=0.15, steps=12, checkpoint_every=5,
     )
     start = time.perf_counter()
     result = run_sweep(campaign)
@@ -289,10 +323,10 @@ def test_sweep_dtype_prunes_and_saves_in_that_dtype_like_the_single_process_prun
 
 
 def test_sweep_llm_surgeon_equals_the_single_process_prune(swept, ws, tmp_path):
-    """Two shots as farm rounds (2 actors, per-site tasks) give the single process's model."""
+    """Two shots (0.85, 0.7) as farm rounds (2 actors, per-site tasks) give the single process's model."""
     campaign, result, _ = swept
     (record,) = [r for r in result.records if r["model"] == "gpt2" and r["method"] == "llm-surgeon"]
-    opts = PruneOptions(budget=0.7, method="llm-surgeon", samples=40, eval_samples=20, seq_len=16, batch_size=8, latency_repeats=1, shots=2)
+    opts = PruneOptions(budget=0.7, method="llm-surgeon", samples=40, eval_samples=20, seq_len=16, batch_size=8, latency_repeats=1, shot_step=0.15)
     report = prune_model(str(ws.gpt2), str(ws.data), opts, tmp_path / "single", eval_data=[str(ws.other)])
     assert float(record["relative_quality"]) == pytest.approx(report["metrics"]["relative_quality"], abs=1e-5)
     assert float(record["perplexity/other"]) == pytest.approx(report["metrics"]["perplexity/other"], rel=1e-5)
@@ -303,7 +337,7 @@ def test_sweep_llm_surgeon_equals_the_single_process_prune(swept, ws, tmp_path):
     assert [list(s) for s in adapter_for(saved).sizes()] == report["sizes"]
     tracker = Tracker(campaign.tracking_uri, campaign.experiment)
     (run,) = tracker.client.search_runs([tracker.experiment_id], "tags.gfprune_kind = 'unit' and params.method = 'llm-surgeon'")
-    assert run.data.params["shots"] == "2" and run.data.params["reconstruction"] == "correlated"
+    assert run.data.params["shot_step"] == "0.15" and run.data.params["reconstruction"] == "correlated"
 
 
 def test_sweep_flop_trains_on_ray_train_like_the_single_process_prune(swept, ws, tmp_path):

@@ -291,8 +291,8 @@ def test_magnitude_and_random_share_a_kv_head_among_its_query_heads():
     assert random_scores(w, None, torch.Generator().manual_seed(0)).shape == (6,)
 
 
-@pytest.mark.parametrize("shots", [1, 2])
-def test_llm_surgeon_and_gfp_cut_partial_groups_exactly(shots):
+@pytest.mark.parametrize("step", [1.0, 0.25])
+def test_llm_surgeon_and_gfp_cut_partial_groups_exactly(step):
     model = gqa3_model("qwen2")
     adapter = adapter_for(model)
     with torch.no_grad():  # a dead head in each group of layer 0: worth keeping only the others
@@ -303,7 +303,7 @@ def test_llm_surgeon_and_gfp_cut_partial_groups_exactly(shots):
     evaluation = tiny_batches(n_batches=2, seed=9)
     calibration = calibrate(adapter, batches, 10.0)
     scores = score_sites(adapter, calibration.total, "gfp")
-    results = [plan_llm_surgeon(adapter, batches, 0.55, 10.0, shots=shots), plan(adapter, calibration, 0.55, "gfp", "full", scores=scores)]
+    results = [plan_llm_surgeon(adapter, batches, 0.55, 10.0, shot_step=step), plan(adapter, calibration, 0.55, "gfp", "full", scores=scores)]
     for result in results:
         _assert_legal(result.masks, dense_geoms)
         assert result.masks.keep[(0, "attn")].tolist() == [True, False, True, True, False, True]

@@ -133,7 +133,7 @@ def test_a_sweep_in_passes_equals_one_in_one_pass(local_ray, ws, tmp_path):
     results = {}
     for name, memory in (("passes", "2000"), ("one-pass", None)):
         campaign = load_campaign(models=models, budgets=[0.6], methods=["gfp", "llm-surgeon"], data=str(ws.data), samples=30, eval_samples=10,
-                                 seq_len=16, batch_size=4, workers=2, out=tmp_path / name, experiment=name, latency_repeats=0, shots=2,
+                                 seq_len=16, batch_size=4, workers=2, out=tmp_path / name, experiment=name, latency_repeats=0, shot_step=0.2,
                                  tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", cache_dir=tmp_path / f"cache-{name}", stats_memory=memory)
         result = run_sweep(campaign)
         assert not result.failures, result.failures

@@ -302,7 +302,10 @@ def test_curvature_weighted_energy_is_the_mean_quadratic_form_of_each_units_outp
     grads.add_(grads_x)
     curvature = grads_x.T @ grads_x / tokens
     expected = torch.stack([
-        torch.stack([(out[:, u * width:(u + 1) * width] @ x[t, u * width:(u + 1) * width]) @ curvature @ (out[:, u * width:(u + 1) * width] @ x[t, u * width:(u + 1) * width]) for t in range(tokens)]).mean()
+        torch.stack([
+            (out[:, u * width:(u + 1) * width] @ x[t, u * width:(u + 1) * width]) @ curvature @ (out[:, u * width:(u + 1) * width] @ x[t, u * width:(u + 1) * width])
+            for t in range(tokens)
+        ]).mean()
         for u in range(units)
     ])
     w = UnitWeights(out=out, bias=None, ins=[], width=width)

@@ -124,12 +124,12 @@ def test_correlated_update_equals_ridge_least_squares_at_any_damping():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
-@pytest.mark.parametrize("budget,shots", [(0.8, 1), (0.5, 3)])
-def test_multi_shot_ends_at_the_budget(family, budget, shots):
+@pytest.mark.parametrize("budget,step", [(0.8, 1.0), (0.5, 0.2)])
+def test_multi_shot_ends_at_the_budget(family, budget, step):
     model = tiny_model(family).eval()
     adapter = adapter_for(model)
     seq_len = 10.0
-    result = plan_llm_surgeon(adapter, tiny_batches(), budget, seq_len, shots=shots)
+    result = plan_llm_surgeon(adapter, tiny_batches(), budget, seq_len, shot_step=step)
     geoms = adapter.geometries()
     dearest = max(unit_macs(g, k, seq_len) for g in geoms for k in ("attn", "ffn")) / prunable_macs(geoms, seq_len)
     assert budget - dearest <= result.kept_fraction <= budget + 1e-12
@@ -138,11 +138,28 @@ def test_multi_shot_ends_at_the_budget(family, budget, shots):
     assert prunable_macs(pruned.geometries(), seq_len) / prunable_macs(geoms, seq_len) == pytest.approx(result.kept_fraction)
 
 
-def test_shot_targets_step_linearly_to_the_budget():
-    assert surgeon.shot_targets(0.5, 5) == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.5])
-    assert surgeon.shot_targets(0.7, 1) == pytest.approx([0.7])
-    with pytest.raises(ValueError):
-        surgeon.shot_targets(0.5, 0)
+def test_shot_targets_step_down_a_grid_that_does_not_depend_on_the_budget():
+    assert surgeon.shot_targets(0.5, 0.1) == [0.9, 0.8, 0.7, 0.6, 0.5]
+    assert surgeon.shot_targets(0.75, 0.1) == [0.9, 0.8, 0.75]
+    assert surgeon.shot_targets(0.7, 1.0) == [0.7]
+    assert surgeon.shot_targets(0.95, 0.1) == [0.95]
+    assert surgeon.shot_targets(1.0, 0.1) == [1.0]
+    assert surgeon.shot_targets(0.5, 0.3) == [0.7, 0.5]  # 1 - 2 x 0.3 = 0.4 would pass the budget
+    # the path of a higher budget is the first part of a lower one's, up to its own last shot,
+    # and exactly so (==) where a budget lies on the grid: the farm shares those shots
+    for step in (0.1, 0.05, 0.15, 0.2):
+        low = surgeon.shot_targets(0.3, step)
+        for budget in (0.9, 0.85, 0.8, 0.7, 0.6, 0.45, 0.3):
+            path = surgeon.shot_targets(budget, step)
+            assert path[:-1] == low[: len(path) - 1] and path[-1] == budget
+            assert all(b - a > 0 for a, b in zip(path[1:], path)), "targets fall strictly"
+            assert all(a - b <= step + 1e-12 for a, b in zip([1.0] + path, path)), "no shot removes more than a step"
+            if any(abs(t - budget) < 1e-12 for t in low):
+                assert path == low[: len(path)]
+    assert surgeon.step_for_shots(0.5, 5) == pytest.approx(0.1) and len(surgeon.shot_targets(0.6, surgeon.step_for_shots(0.6, 3))) == 3
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            surgeon.shot_targets(0.5, bad)
 
 
 def test_state_rebuilds_the_model_pruned_shot_by_shot():
@@ -155,7 +172,7 @@ def test_state_rebuilds_the_model_pruned_shot_by_shot():
     state = surgeon.SurgeonState.dense(geoms)
     dense_weights = {site: adapter.unit_weights(*site) for site in state.kept}
     stepwise = adapter_for(copy.deepcopy(model))
-    for target in surgeon.shot_targets(0.5, 3):
+    for target in surgeon.shot_targets(0.5, 0.2):
         curvature = collect_curvature(stepwise, batches)
         before = copy.deepcopy(state)
         state = surgeon_shot(state, curvature, dense_weights, geoms, target, 10.0)
@@ -249,7 +266,7 @@ def test_scores_for_the_shot_search_are_one_currency_with_gfp_masks_comparable()
     """The surgeon's final masks are over the dense model's units like any method's masks."""
     model = tiny_model("llama").eval()
     adapter = adapter_for(model)
-    result = plan_llm_surgeon(adapter, tiny_batches(), 0.6, 10.0, shots=2)
+    result = plan_llm_surgeon(adapter, tiny_batches(), 0.6, 10.0, shot_step=0.2)
     gfp = search_masks(score_sites(adapter, calibrate(adapter, tiny_batches(), 10.0).total, "gfp"), adapter, 0.6, 10.0)
     assert result.masks.keep.keys() == gfp.keep.keys()
     assert all(result.masks.keep[s].shape == gfp.keep[s].shape for s in gfp.keep)

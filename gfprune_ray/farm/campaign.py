@@ -26,7 +26,7 @@ from ..choices import (
     METHOD_NAMES,
     PACKAGED_PREFIX,
     RECONSTRUCTIONS,
-    SHOTS,
+    SHOT_STEP,
     STEPS_CPU,
     SURGEON,
     TRAINED_METHODS,
@@ -109,7 +109,7 @@ class Campaign(BaseModel):
     address: str | None = None
     tracking_uri: str | None = None
     latency_repeats: Annotated[int, Field(ge=0)] = 5  # 0: no latency measured
-    shots: Positive = SHOTS  # llm-surgeon: shots to reach each budget
+    shot_step: Annotated[float, Field(gt=0, le=1)] = SHOT_STEP  # llm-surgeon: the most of the prunable MACs one shot removes
     steps: Positive = STEPS_CPU  # cofi, flop: training steps per unit
     checkpoint_every: Positive = CHECKPOINT_EVERY  # cofi, flop: steps between checkpoints
     # bytes of statistics one collection actor holds in a pass ('6GB', '512MB'); None: from the nodes
@@ -136,7 +136,7 @@ class Campaign(BaseModel):
     def method_options(self, method: str) -> dict:
         """Options that change only this method's results."""
         if method == SURGEON:
-            return {"shots": self.shots}
+            return {"shot_step": self.shot_step}
         return {"steps": self.steps} if method in TRAINED_METHODS else {}
 
     def names(self) -> list[str]:

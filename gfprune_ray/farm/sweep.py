@@ -193,7 +193,7 @@ class Sweep:
         if surgeons:
             plan = surgeon_shots.ShotPlan(work.actors, shards, info.sites, info.geometries, weights,
                                          work.mean_seq_len, c.batch_size, c.seed, self._groups(work), self.counter)
-            chains, batches = surgeon_shots.submit_chains(plan, [u.budget for u in surgeons], c.shots, self._track)
+            chains, batches = surgeon_shots.submit_chains(plan, [u.budget for u in surgeons], c.shot_step, self._track)
             self.progress.add("collect", batches)
             for unit, chain in zip(surgeons, chains):
                 masks, timings, recs = chain.outputs

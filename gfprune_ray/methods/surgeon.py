@@ -21,9 +21,13 @@ removed columns). That update equals the core's `full` reconstruction with ridge
 are W_S + W_C A_CS (A_SS + damping)^-1 (the tests check it), and like `full` its damping is chosen
 on held-out tokens, here by the G-weighted output error. Costs use a fixed damping (COST_DAMPING).
 
-Several shots: shot t of T aims at 1 - (1 - budget) t / T of the dense model's prunable MACs, and
-the curvature is collected again on the partly pruned model before each shot. Everything here is a
-pure function of tensors; `pipeline.plan_llm_surgeon` and the farm run the shots.
+Several shots: each shot removes at most `step` of the dense model's prunable MACs (targets
+1 - step, 1 - 2 step, ..., then the budget itself), and the curvature is collected again on the
+partly pruned model before each shot. The steps do not depend on the budget, so the path to 0.8 is
+the first part of the path to 0.5: a sweep runs the shots of its lowest budget, and every other
+budget branches off with at most one shot of its own, with exactly the result it gets alone.
+Everything here is a pure function of tensors; `pipeline.plan_llm_surgeon` and the farm run the
+shots.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ..search import Masks, Site, global_search
 
 NAME = SURGEON
 COST_DAMPING = 0.01  # relative to the mean diagonal of A
+GRID_DECIMALS = 9  # shot targets are compared at this precision
 
 
 def damped(moment: torch.Tensor, damping: float, scale_cols: torch.Tensor, has_constant: bool) -> torch.Tensor:
@@ -114,11 +119,23 @@ def surgeon_update(weights: UnitWeights, keep_units: torch.Tensor, curvature: Si
     return Reconstruction(w, b, best, errors[best], none_error)
 
 
-def shot_targets(budget: float, shots: int) -> list[float]:
-    """Fractions of the dense model's prunable MACs kept after each shot: linear steps to the budget."""
+def shot_targets(budget: float, step: float) -> list[float]:
+    """Fractions of the dense model's prunable MACs kept after each shot: 1 - step, 1 - 2 step, ...
+    while above the budget, then the budget. Grid points are rounded (0.7, not 0.7000000000000001)
+    so that a budget on the grid and the grid point of a lower budget's path are the same target."""
+    if not 0 < step <= 1:
+        raise ValueError(f"the shot step must be in (0, 1], got {step}")
+    targets = []
+    while (target := round(1 - (len(targets) + 1) * step, GRID_DECIMALS)) > budget + 10**-GRID_DECIMALS:
+        targets.append(target)
+    return targets + [budget]
+
+
+def step_for_shots(budget: float, shots: int) -> float:
+    """The step that reaches `budget` in `shots` equal shots (the paper's T; the benchmarks' rows)."""
     if shots < 1:
         raise ValueError(f"shots must be at least 1, got {shots}")
-    return [1 - (1 - budget) * (t + 1) / shots for t in range(shots)]
+    return (1 - budget) / shots if budget < 1 else 1.0
 
 
 @dataclass
