@@ -28,8 +28,9 @@ from gfprune_ray.loading import load_model
 from gfprune_ray.methods.surgeon import step_for_shots
 from gfprune_ray.methods.trained import kept_fraction, student_for
 from gfprune_ray.models import adapter_for
+from gfprune_ray.options import PruneOptions
 from gfprune_ray.pipeline import calibrate, plan_llm_surgeon, reconstruct_sites, score_sites, search_masks
-from gfprune_ray.single import PruneOptions, prepare_batches
+from gfprune_ray.single import prepare_batches
 from gfprune_ray.surgery import apply_pruning
 from gfprune_ray.training import GatedTraining, Schedule, run_training
 

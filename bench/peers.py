@@ -61,7 +61,8 @@ from gfprune_ray.evaluate import QualityReference
 from gfprune_ray.flops import kept_prunable_macs, prunable_macs, unit_macs
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
-from gfprune_ray.single import PruneOptions, prepare_batches
+from gfprune_ray.options import PruneOptions
+from gfprune_ray.single import prepare_batches
 
 RESULTS = Path(__file__).parent / "results"
 PEERS = ("torch-pruning", "textpruner")

@@ -50,8 +50,9 @@ from gfprune_ray.data import mean_tokens_per_sequence, read_examples
 from gfprune_ray.loading import load_model
 from gfprune_ray.methods.surgeon import step_for_shots
 from gfprune_ray.models import adapter_for
+from gfprune_ray.options import PruneOptions
 from gfprune_ray.pipeline import calibrate, plan, plan_llm_surgeon, score_sites
-from gfprune_ray.single import PruneOptions, check_seq_len, prepare_batches, read_other_corpora, references
+from gfprune_ray.single import check_seq_len, prepare_batches, read_other_corpora, references
 from gfprune_ray.surgery import apply_pruning, masked
 
 RESULTS = Path(__file__).parent / "results"

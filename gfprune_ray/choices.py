@@ -30,6 +30,12 @@ CHECKPOINT_EVERY = 50  # cofi, flop: a killed run loses at most this many steps
 PACKAGED_PREFIX = "pkg:"
 
 
+def check_budget(budget: float) -> float:
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget {budget} is outside (0, 1]: it is the fraction of prunable MACs kept")
+    return budget
+
+
 def looks_like_path(source: str) -> bool:
     """A model source that can only mean a local folder (a hub id has at most one slash)."""
     return source.startswith((".", "/", "~")) or source.count("/") > 1

@@ -102,11 +102,16 @@ def prune(
 ) -> None:
     """Prune MODEL to a MACs budget with unlabeled text, save it to OUT and report its quality and speed."""
     from .choices import parse_memory
-    from .single import PruneOptions, prune_model
+    from .data import check_sources
+    from .options import PruneOptions  # these three are torch-free: bad input fails before the heavy imports
 
     memory = None if stats_memory is None else _run(lambda: parse_memory(stats_memory))
     opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shot_step, steps,
                         checkpoint_every, dtype, memory)
+    _run(opts.validate)
+    _run(lambda: check_sources(data, _names(eval_data)))  # prune_model reads them again, for callers of the API
+    from .single import prune_model
+
     report = _run(lambda: prune_model(model, data, opts, out, stats, force, _names(eval_data)))
     _print_report(f"{model} @ budget {budget} ({method}, {reconstruct}; calibrated on {report['calibration_corpus']})", report["metrics"], report["timings"])
     typer.echo(f"saved to {out} (load with gfprune_ray.load_pruned({str(out)!r}))")

@@ -137,9 +137,3 @@ def counted_macs(model: nn.Module, input_ids: torch.Tensor) -> float:
     with counter, torch.inference_mode():
         model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
     return counter.get_total_flops() / 2
-
-
-def check_budget(budget: float) -> float:
-    if not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget {budget} is outside (0, 1]: it is the fraction of prunable MACs kept")
-    return budget

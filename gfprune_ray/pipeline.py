@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .choices import SHOT_STEP
+from .choices import SHOT_STEP, check_budget
 from .curvature import Curvature, collect_curvature
 from .data import heldout_flags
-from .flops import check_budget
 from .memory import release_memory
 from .methods import get_method, surgeon
 from .models import Adapter, adapter_for

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .choices import ALLOCATIONS
-from .flops import attention_macs, check_budget, group_macs, kept_site_macs, prunable_macs, site_macs, unit_macs
+from .choices import ALLOCATIONS, check_budget
+from .flops import attention_macs, group_macs, kept_site_macs, prunable_macs, site_macs, unit_macs
 from .models import KINDS, BlockGeometry, Kind
 
 Site = tuple[int, Kind]

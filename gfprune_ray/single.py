@@ -15,75 +15,29 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from safetensors import SafetensorError
 
 from . import __version__
-from .choices import CHECKPOINT_EVERY, DTYPES, METHOD_NAMES, SHOT_STEP, STEPS_CPU, SURGEON, TRAINED_METHODS
+from .choices import SURGEON, TRAINED_METHODS
 from .curvature import collect_curvature
 from .data import Examples, batches_fingerprint, evaluation_sources, mean_tokens_per_sequence, read_examples, split_examples, tokenize, with_labels
 from .errors import UserError, first_line
 from .evaluate import CorpusReferences, dense_counts, efficiency
-from .flops import check_budget
 from .loading import load_model, portable_source
 from .memory import release_memory
 from .methods.surgeon import shot_targets
 from .models import adapter_for
+from .options import PruneOptions
 from .outputs import check_writable_folder, scratch_folder, staged_output
 from .packaged import cache_root
 from .pipeline import Calibration, calibrate, mark_heldout, plan, plan_llm_surgeon
 from .progress import bar
-from .reconstruct import MODES
-from .search import SEARCHES
 from .stats import GRADS_PART, STATS_MEMORY_SHARE, model_sites, physical_memory, plan_groups, stats_fingerprint, weights_fingerprint
 from .stats_store import finish, load_stats, save_stats, write_site
 from .surgery import RECORD_FILE, apply_pruning, load_pruned, save_pruned
-
-
-@dataclass
-class PruneOptions:
-    budget: float = 0.6
-    method: str = "gfp"
-    reconstruction: str = "full"
-    allocation: str = "global"
-    samples: int = 256
-    eval_samples: int = 256
-    seq_len: int = 128
-    batch_size: int = 32
-    seed: int = 0
-    latency_repeats: int = 5
-    shot_step: float = SHOT_STEP  # llm-surgeon only: the most of the prunable MACs one shot removes
-    steps: int = STEPS_CPU  # cofi and flop only: training steps
-    checkpoint_every: int = CHECKPOINT_EVERY  # cofi and flop only: steps between checkpoints
-    dtype: str | None = None  # the model's dtype; None: the checkpoint's own
-    stats_memory: int | None = None  # bytes of statistics collected in one pass; None: an eighth of RAM
-
-    def validate(self) -> PruneOptions:
-        try:
-            check_budget(self.budget)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        for name, value, allowed in (
-            ("method", self.method, METHOD_NAMES),
-            ("reconstruction", self.reconstruction, MODES),
-            ("allocation", self.allocation, SEARCHES),
-        ):
-            if value not in allowed:
-                raise UserError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
-        for name in ("samples", "eval_samples", "seq_len", "batch_size", "steps", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 0 < self.shot_step <= 1:
-            raise UserError(f"shot-step must be in (0, 1], got {self.shot_step}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise UserError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
-        if self.dtype is not None and self.method in TRAINED_METHODS:
-            raise UserError(f"--dtype does not apply to {self.method}: it trains in the checkpoint's dtype")
-        if self.latency_repeats < 0:
-            raise UserError(f"latency-repeats must be 0 (no latency) or more, got {self.latency_repeats}")
-        return self
 
 
 def prepare_batches(tokenizer, examples: Examples, opts: PruneOptions, source: str | None = None):

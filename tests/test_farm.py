@@ -26,7 +26,8 @@ from gfprune_ray.models import adapter_for
 from gfprune_ray.methods.surgeon import SurgeonState, shot_targets
 from gfprune_ray.pipeline import calibrate, mark_heldout, plan_llm_surgeon, surgeon_model, surgeon_shot
 from gfprune_ray.farm.ray_data import fingerprint_and_length, read_dataset, select_examples, shard, tokenize_rows
-from gfprune_ray.single import PruneOptions, prepare_batches, prune_model
+from gfprune_ray.options import PruneOptions
+from gfprune_ray.single import prepare_batches, prune_model
 from gfprune_ray.farm.sweep import run_sweep
 from gfprune_ray.farm.tracking import Tracker
 

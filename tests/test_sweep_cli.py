@@ -133,10 +133,22 @@ def test_bad_input_is_one_line_before_any_work(ws, tmp_path, models, extra, mess
 
 def test_the_cli_and_the_campaign_schema_import_no_torch_ray_or_mlflow():
     """A models file, option or data path the sweep refuses fails before seconds of imports (choices.py)."""
-    code = ("import sys, gfprune_ray.cli, gfprune_ray.data, gfprune_ray.farm.campaign; "
+    code = ("import sys, gfprune_ray.cli, gfprune_ray.data, gfprune_ray.farm.campaign, gfprune_ray.options; "
             "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
     assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("bad", [["--budget", "2"], ["--data", "/no/such/file.txt"], ["--method", "llm-surgeon", "--shot-step", "0"],
+                                 ["--eval-data", "pydoc,/no/such/corpus.txt"], ["--samples", "0"]])
+def test_prune_refuses_bad_input_before_importing_torch(bad, tmp_path):
+    """`prune`'s options and data are checked before the heavy stack is imported (options.py)."""
+    code = ("import sys; from typer.testing import CliRunner; from gfprune_ray.cli import app; "
+            f"r = CliRunner().invoke(app, ['prune', 'some-model', '--out', {str(tmp_path / 'out')!r}, *{bad!r}]); "
+            "print(r.exit_code, sorted(m for m in ('torch', 'ray', 'mlflow', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
+    assert done.returncode == 0 and done.stdout.strip() == "2 []", (done.stdout, done.stderr[-2000:])
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_on_an_unknown_experiment(tmp_path):

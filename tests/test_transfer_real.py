@@ -9,8 +9,9 @@ import pytest
 from gfprune_ray.data import mean_tokens_per_sequence, read_examples
 from gfprune_ray.errors import UserError
 from gfprune_ray.models import adapter_for
+from gfprune_ray.options import PruneOptions
 from gfprune_ray.pipeline import calibrate, plan, score_sites
-from gfprune_ray.single import PruneOptions, prepare_batches, read_other_corpora, references
+from gfprune_ray.single import prepare_batches, read_other_corpora, references
 from gfprune_ray.surgery import masked
 
 
