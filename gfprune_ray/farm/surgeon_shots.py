@@ -13,8 +13,9 @@ the budget, so the budgets' paths form a tree whose trunk is the lowest budget's
 shot (with the curvature it needs) is submitted once per distinct path. Budgets 0.9 to 0.5 at
 step 0.1 cost the 5 shots of 0.5 alone. All shots are submitted at once, depth by depth, as a
 graph of object refs: the driver never waits, and an actor collects one branch's next shot while
-another branch's costs and updates run. The chain of a budget ends in `outputs`, which gives exactly what `search` and
-`reconstruct_site` give the other methods, so evaluation, MLflow logging and resume are shared.
+another branch's costs and updates run. The chain of a budget ends in `outputs`, which gives
+exactly what `search` and `reconstruct_site` give the other methods, so evaluation, MLflow logging
+and resume are shared.
 """
 
 from __future__ import annotations
