@@ -133,9 +133,15 @@ def evaluate(
     """Measure a pruned model against its dense source: quality, MACs, parameters, latency.
 
     Without options it evaluates on the examples that `prune` held back from calibration."""
-    from .single import evaluate_saved
+    from .data import check_sources
+    from .options import saved_options
+    from .outputs import read_record  # these three are torch-free: bad input fails before the heavy imports
 
     overrides = dict(data=data, eval_data=_names(eval_data), eval_samples=eval_samples, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, latency_repeats=latency_repeats)
+    _, sources, others = _run(lambda: saved_options(read_record(path), overrides))
+    _run(lambda: check_sources(sources, others))  # evaluate_saved reads the record and sources again, for callers of the API
+    from .single import evaluate_saved
+
     report = _run(lambda: evaluate_saved(path, overrides, dense))
     _print_report(f"{path}", report["metrics"])
 

@@ -56,3 +56,14 @@ class PruneOptions:
         if self.latency_repeats < 0:
             raise UserError(f"latency-repeats must be 0 (no latency) or more, got {self.latency_repeats}")
         return self
+
+
+def saved_options(record: dict, overrides: dict) -> tuple[PruneOptions, str, list[str]]:
+    """(options, data, eval_data) to measure a saved run again: as recorded at pruning time (so
+    the evaluation examples are the held-back ones), each replaced by an `overrides` value that is
+    not None. Options a record names that PruneOptions no longer has are ignored."""
+    recorded = {k: v for k, v in record.get("options", {}).items() if k in PruneOptions.__dataclass_fields__}
+    settings = {"data": record.get("data", "pydoc"), "eval_data": record.get("eval_data", [])} | recorded
+    settings |= {k: v for k, v in overrides.items() if v is not None}
+    data, eval_data = settings.pop("data"), settings.pop("eval_data")
+    return PruneOptions(**settings).validate(), data, eval_data

@@ -8,6 +8,7 @@ to it (on shared storage, another host's process cannot be checked from here: le
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -17,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
+
+RECORD_FILE = "gfprune.json"  # what an output folder holds besides the model: options, masks, metrics
 
 PARTIAL = ".partial-"
 
@@ -127,3 +130,12 @@ def scratch_folder(base: Path, name: str) -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_record(folder: Path) -> dict:
+    """The record of a folder written by `prune`; a one-line error when it is not one."""
+    try:
+        record = json.loads((Path(folder) / RECORD_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"not a gfprune-ray output folder (no readable {RECORD_FILE}): {folder}") from None
+    return record if isinstance(record, dict) else {}

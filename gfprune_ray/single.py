@@ -30,14 +30,14 @@ from .loading import load_model, portable_source
 from .memory import release_memory
 from .methods.surgeon import shot_targets
 from .models import adapter_for
-from .options import PruneOptions
-from .outputs import check_writable_folder, scratch_folder, staged_output
+from .options import PruneOptions, saved_options
+from .outputs import RECORD_FILE, check_writable_folder, read_record, scratch_folder, staged_output
 from .packaged import cache_root
 from .pipeline import Calibration, calibrate, mark_heldout, plan, plan_llm_surgeon
 from .progress import bar
 from .stats import GRADS_PART, STATS_MEMORY_SHARE, model_sites, physical_memory, plan_groups, stats_fingerprint, weights_fingerprint
 from .stats_store import finish, load_stats, save_stats, write_site
-from .surgery import RECORD_FILE, apply_pruning, load_pruned, save_pruned
+from .surgery import apply_pruning, load_pruned, save_pruned
 
 
 def prepare_batches(tokenizer, examples: Examples, opts: PruneOptions, source: str | None = None):
@@ -303,26 +303,14 @@ def _examples(batches: list[dict]) -> int:
     return sum(len(b["input_ids"]) for b in batches)
 
 
-def _read_record(path: Path) -> dict:
-    try:
-        record = json.loads((path / RECORD_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"not a gfprune-ray output folder (no readable {RECORD_FILE}): {path}") from None
-    return record if isinstance(record, dict) else {}
-
-
 def evaluate_saved(path: Path, overrides: dict, dense_source: str | None = None) -> dict:
     """Measure a saved pruned model against its dense source; writes eval.json beside it.
 
     Data, seed and sample counts default to those recorded at pruning time, so the evaluation
     examples are the held-back ones, disjoint from calibration; `overrides` replaces any of them."""
     path = Path(path)
-    record = _read_record(path)
-    recorded = {k: v for k, v in record.get("options", {}).items() if k in PruneOptions.__dataclass_fields__}
-    settings = {"data": record.get("data", "pydoc"), "eval_data": record.get("eval_data", [])} | recorded
-    settings |= {k: v for k, v in overrides.items() if v is not None}
-    data, eval_data = settings.pop("data"), settings.pop("eval_data")
-    opts = PruneOptions(**settings).validate()
+    record = read_record(path)
+    opts, data, eval_data = saved_options(record, overrides)
     dense_source = dense_source or record.get("source")
     if not dense_source:
         raise UserError(f"{path / RECORD_FILE} names no dense model: pass --dense")

@@ -22,13 +22,13 @@ from torch import nn
 
 from .models import KINDS, Adapter, adapter_for
 from .models.base import HIDDEN_KEY, set_path
+from .outputs import RECORD_FILE
 from .models import layers as L
 from .reconstruct import Reconstruction
 from .search import Masks
 
 SIZES_KEY = "gfprune_sizes"
 FACTORIZED_KEY = "gfprune_factorized"
-RECORD_FILE = "gfprune.json"
 
 
 def _kept(adapter: Adapter, masks: Masks, i: int, kind: str) -> torch.Tensor:

@@ -4,6 +4,7 @@ one line before any work starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -149,6 +150,26 @@ def test_prune_refuses_bad_input_before_importing_torch(bad, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
     assert done.returncode == 0 and done.stdout.strip() == "2 []", (done.stdout, done.stderr[-2000:])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("record", "extra", "message"), [
+    (None, [], "not a gfprune-ray output folder"),
+    ({"source": "m", "data": "/no/such/calibration.txt"}, [], "/no/such/calibration.txt"),
+    ({"source": "m", "data": "pydoc", "options": {"budget": 0.5}}, ["--eval-data", "/no/such/corpus.txt"], "/no/such/corpus.txt"),
+    ({"source": "m", "data": "pydoc", "options": {"budget": 0.5}}, ["--eval-samples", "0"], "eval-samples must be at least 1"),
+])
+def test_eval_refuses_bad_input_before_importing_torch(record, extra, message, tmp_path):
+    """`eval` reads the folder's record, its options and data sources before the heavy imports."""
+    folder = tmp_path / "pruned"
+    folder.mkdir()
+    if record is not None:
+        (folder / "gfprune.json").write_text(json.dumps(record))
+    code = ("import sys; from typer.testing import CliRunner; from gfprune_ray.cli import app; "
+            f"r = CliRunner().invoke(app, ['eval', {str(folder)!r}, *{extra!r}]); "
+            "print(r.exit_code, sorted(m for m in ('torch', 'ray', 'mlflow', 'transformers') if m in sys.modules)); print(r.output)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
+    assert done.returncode == 0 and done.stdout.startswith("2 []"), (done.stdout, done.stderr[-2000:])
+    assert message in done.stdout
 
 
 def test_report_on_an_unknown_experiment(tmp_path):
