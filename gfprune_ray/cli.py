@@ -138,8 +138,8 @@ def evaluate(
     from .outputs import read_record  # these three are torch-free: bad input fails before the heavy imports
 
     overrides = dict(data=data, eval_data=_names(eval_data), eval_samples=eval_samples, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, latency_repeats=latency_repeats)
-    _, sources, others = _run(lambda: saved_options(read_record(path), overrides))
-    _run(lambda: check_sources(sources, others))  # evaluate_saved reads the record and sources again, for callers of the API
+    _, calibration_data, eval_sources = _run(lambda: saved_options(read_record(path), overrides))
+    _run(lambda: check_sources(calibration_data, eval_sources))  # evaluate_saved reads the record and sources again, for callers of the API
     from .single import evaluate_saved
 
     report = _run(lambda: evaluate_saved(path, overrides, dense))
