@@ -83,7 +83,8 @@ def collect_seconds(work: Path, name: str) -> list[float]:
     return [r.data.metrics["collect_s"] for r in runs]
 
 
-def reuse(a, work: Path, models: list[str]) -> dict:
+def reuse(a, work: Path) -> dict:
+    models = [MINILM, str(second_model(work / "minilm-random"))]
     budgets = a.budgets.split(",")
     listing = work / "two-models.txt"
     listing.write_text("\n".join(models) + "\n")
@@ -172,8 +173,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for part in parts:
-            extra = [[MINILM, str(second_model(work / "minilm-random"))]] if part == "reuse" else []
-            results[part] = PARTS[part](a, work, *extra) | {"settings": vars(a) | {"out": str(a.out)}}
+            results[part] = PARTS[part](a, work) | {"settings": vars(a) | {"out": str(a.out)}}
     print(table(results))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -36,6 +36,12 @@ def check_budget(budget: float) -> float:
     return budget
 
 
+def check_shot_step(step: float) -> float:
+    if not 0.0 < step <= 1.0:
+        raise ValueError(f"shot-step must be in (0, 1], got {step}: it is the most of the prunable MACs one llm-surgeon shot removes")
+    return step
+
+
 def looks_like_path(source: str) -> bool:
     """A model source that can only mean a local folder (a hub id has at most one slash)."""
     return source.startswith((".", "/", "~")) or source.count("/") > 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .choices import ALLOCATIONS, CHECKPOINT_EVERY, DTYPES, METHOD_NAMES, RECONSTRUCTIONS, SHOT_STEP, STEPS_CPU, TRAINED_METHODS, check_budget
+from .choices import ALLOCATIONS, CHECKPOINT_EVERY, DTYPES, METHOD_NAMES, RECONSTRUCTIONS, SHOT_STEP, STEPS_CPU, TRAINED_METHODS, check_budget, check_shot_step
 from .errors import UserError
 
 
@@ -35,6 +35,7 @@ class PruneOptions:
     def validate(self) -> PruneOptions:
         try:
             check_budget(self.budget)
+            check_shot_step(self.shot_step)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         for name, value, allowed in (
@@ -47,8 +48,6 @@ class PruneOptions:
         for name in ("samples", "eval_samples", "seq_len", "batch_size", "steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 0 < self.shot_step <= 1:
-            raise UserError(f"shot-step must be in (0, 1], got {self.shot_step}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         if self.dtype is not None and self.method in TRAINED_METHODS:

@@ -22,8 +22,8 @@ from torch import nn
 
 from .models import KINDS, Adapter, adapter_for
 from .models.base import HIDDEN_KEY, set_path
-from .outputs import RECORD_FILE
 from .models import layers as L
+from .outputs import RECORD_FILE
 from .reconstruct import Reconstruction
 from .search import Masks
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..curvature import SiteCurvature
-from ..choices import SURGEON
+from ..choices import SURGEON, check_shot_step
 from ..flops import prunable_macs
 from ..models import BlockGeometry, UnitWeights
 from ..models.layers import unit_rows
@@ -123,8 +123,7 @@ def shot_targets(budget: float, step: float) -> list[float]:
     """Fractions of the dense model's prunable MACs kept after each shot: 1 - step, 1 - 2 step, ...
     while above the budget, then the budget. Grid points are rounded (0.7, not 0.7000000000000001)
     so that a budget on the grid and the grid point of a lower budget's path are the same target."""
-    if not 0 < step <= 1:
-        raise ValueError(f"the shot step must be in (0, 1], got {step}")
+    check_shot_step(step)
     targets = []
     while (target := round(1 - (len(targets) + 1) * step, GRID_DECIMALS)) > budget + 10**-GRID_DECIMALS:
         targets.append(target)
