@@ -24,6 +24,7 @@ import torch
 from gfprune_ray.choices import STEPS_CPU
 from gfprune_ray.data import mean_tokens_per_sequence, read_examples, split_examples, tokenize
 from gfprune_ray.evaluate import QualityReference, efficiency
+from gfprune_ray.latency import LatencySettings
 from gfprune_ray.loading import load_model
 from gfprune_ray.methods.surgeon import step_for_shots
 from gfprune_ray.methods.trained import kept_fraction, student_for
@@ -91,8 +92,8 @@ def measured(ctx: dict, masks, weights, args, with_latency: bool) -> dict:
     pruned = adapter_for(copy.deepcopy(ctx["model"]))
     _, surgery_s = timed(apply_pruning, pruned, masks, weights)
     row = ctx["reference"].measure(pruned.model)
-    batch_sizes = (1, 32) if with_latency else ()  # MACs and params always, latency where asked
-    row |= efficiency(adapter, pruned, args.seq_len, batch_sizes, args.latency_repeats)
+    repeats = args.latency_repeats if with_latency else 0  # MACs and params always, latency where asked
+    row |= efficiency(adapter, pruned, LatencySettings(repeats, (1, 32), args.seq_len, torch.get_num_threads()))
     row["kept_prunable_macs"] = masks.kept_fraction(adapter.geometries(), ctx["calibration"].seq_len)
     return row | {"surgery_s": surgery_s}
 
@@ -125,7 +126,7 @@ def run_trained(ctx: dict, method: str, budget: float, args) -> dict:
     finetune = schedule.total_steps - schedule.steps
     row = dict(method=method, budget=budget, reconstruction=f"steps={args.steps}+{finetune}", allocation="global", steps=args.steps, finetune_steps=finetune)
     row |= ctx["reference"].measure(adapter.model)
-    row |= efficiency(ctx["adapter"], adapter, args.seq_len, (1, 32), args.latency_repeats)
+    row |= efficiency(ctx["adapter"], adapter, LatencySettings(args.latency_repeats, (1, 32), args.seq_len, torch.get_num_threads()))
     last = training.curve[-1]
     row |= {"kept_prunable_macs": kept_fraction(adapter, dense_geoms, seq_len), "trimmed": training.student.trimmed,
             "final_expected_kept": last["expected_kept"], "final_task_loss": last["task_loss"],

@@ -37,8 +37,12 @@ STEPS_HELP = ("cofi, flop: steps that train the gates with the weights; a quarte
 CHECKPOINT_HELP = "cofi, flop: training steps between checkpoints; a killed run resumes from the last one when the same command runs again."
 SHOT_STEP_HELP = ("llm-surgeon: the most of the prunable MACs one shot removes (curvature is collected again on the partly "
                   "pruned model before each shot): budget 0.6 takes 4 shots at 0.1, 0.75 takes 3 (0.9, 0.8, 0.75).")
-LATENCY_HELP = ("Timed forward passes of each model per latency measurement, taking turns (the median is reported, with the "
-                "spread of the speedup from 3 on); 0 skips latency.")
+LATENCY_HELP = ("Timed forward passes of each model per latency measurement, taking turns; more while their speedups spread "
+                "over 10%, for up to 3x the time again. The median is reported with its spread and the CPU share the process "
+                "got, and a speedup that cannot be trusted (a busy machine, a wide spread, under 3 passes) is marked. 0 skips latency.")
+LATENCY_BATCH_HELP = "Batch sizes latency is measured at, comma-separated."
+LATENCY_SEQ_HELP = "Tokens per sequence for latency and for MACs (at most the model's positions)."
+LATENCY_THREADS_HELP = "torch threads while timing: one gives the same numbers in prune and in a sweep's one-CPU tasks."
 STATS_MEMORY_HELP = ("Most statistics (float64 Grams) one process holds in a collection pass, e.g. 6GB: a model whose statistics "
                      "exceed it is collected a group of layers per pass, each layer's written to disk as its pass ends (a 7B "
                      "model's are about 2.5 GB per layer).")
@@ -67,12 +71,16 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _print_report(title: str, metrics: dict, timings: dict | None = None) -> None:
+def _print_report(title: str, metrics: dict, timings: dict | None = None, folder: Path | None = None) -> None:
+    from .latency import explain, timed_batches
     from .progress import table
 
     rows = [(k, _fmt(v)) for k, v in metrics.items()]
     rows += [(k, f"{v:.2f}") for k, v in (timings or {}).items()]
     table(title, rows)
+    for batch in timed_batches(metrics):
+        if (why := explain(metrics, batch)) is not None:
+            typer.echo(f"note: {why}; do not trust it. Measure again on a quiet machine: gfprune-ray eval {folder or 'FOLDER'}", err=True)
 
 
 @app.command()
@@ -93,6 +101,9 @@ def prune(
     stats: Path | None = typer.Option(None, help="Statistics folder: reused when it exists (refused if it belongs to another model or data), written otherwise."),
     stats_memory: str | None = typer.Option(None, help=STATS_MEMORY_HELP, show_default="an eighth of this machine's RAM"),
     latency_repeats: int = typer.Option(5, help=LATENCY_HELP),
+    latency_batch_sizes: str = typer.Option("1,32", help=LATENCY_BATCH_HELP),
+    latency_seq_len: int = typer.Option(128, help=LATENCY_SEQ_HELP),
+    latency_threads: int = typer.Option(1, help=LATENCY_THREADS_HELP),
     shot_step: float = typer.Option(SHOT_STEP, help=SHOT_STEP_HELP),
     steps: int = typer.Option(STEPS_CPU, help=STEPS_HELP),
     checkpoint_every: int = typer.Option(CHECKPOINT_EVERY, help=CHECKPOINT_HELP),
@@ -107,13 +118,13 @@ def prune(
 
     memory = None if stats_memory is None else _run(lambda: parse_memory(stats_memory))
     opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shot_step, steps,
-                        checkpoint_every, dtype, memory)
+                        checkpoint_every, dtype, memory, _ints(latency_batch_sizes, "latency-batch-sizes"), latency_seq_len, latency_threads)
     _run(opts.validate)
     _run(lambda: check_sources(data, _names(eval_data)))  # prune_model reads them again, for callers of the API
     from .single import prune_model
 
     report = _run(lambda: prune_model(model, data, opts, out, stats, force, _names(eval_data)))
-    _print_report(f"{model} @ budget {budget} ({method}, {reconstruct}; calibrated on {report['calibration_corpus']})", report["metrics"], report["timings"])
+    _print_report(f"{model} @ budget {budget} ({method}, {reconstruct}; calibrated on {report['calibration_corpus']})", report["metrics"], report["timings"], out)
     typer.echo(f"saved to {out} (load with gfprune_ray.load_pruned({str(out)!r}))")
 
 
@@ -128,7 +139,10 @@ def evaluate(
     seq_len: int | None = typer.Option(None, help="Tokens per example (default: as when pruned)."),
     batch_size: int | None = typer.Option(None, help="Sequences per forward pass (default: as when pruned)."),
     seed: int | None = typer.Option(None, help="Seed of the data split (default: as when pruned, so no calibration text is scored)."),
-    latency_repeats: int | None = typer.Option(None, help=LATENCY_HELP),
+    latency_repeats: int | None = typer.Option(None, help=LATENCY_HELP, show_default="as when pruned"),
+    latency_batch_sizes: str | None = typer.Option(None, help=LATENCY_BATCH_HELP, show_default="as when pruned"),
+    latency_seq_len: int | None = typer.Option(None, help=LATENCY_SEQ_HELP, show_default="as when pruned"),
+    latency_threads: int | None = typer.Option(None, help=LATENCY_THREADS_HELP, show_default="as when pruned"),
 ) -> None:
     """Measure a pruned model against its dense source: quality, MACs, parameters, latency.
 
@@ -137,13 +151,15 @@ def evaluate(
     from .options import saved_options
     from .outputs import read_record  # these three are torch-free: bad input fails before the heavy imports
 
-    overrides = dict(data=data, eval_data=_names(eval_data), eval_samples=eval_samples, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, latency_repeats=latency_repeats)
+    overrides = dict(data=data, eval_data=_names(eval_data), eval_samples=eval_samples, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                     latency_repeats=latency_repeats, latency_batch_sizes=_ints(latency_batch_sizes, "latency-batch-sizes"),
+                     latency_seq_len=latency_seq_len, latency_threads=latency_threads)
     _, calibration_data, eval_sources = _run(lambda: saved_options(read_record(path), overrides))
     _run(lambda: check_sources(calibration_data, eval_sources))  # evaluate_saved reads the record and sources again, for callers of the API
     from .single import evaluate_saved
 
     report = _run(lambda: evaluate_saved(path, overrides, dense))
-    _print_report(f"{path}", report["metrics"])
+    _print_report(f"{path}", report["metrics"], folder=path)
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -153,6 +169,15 @@ def _floats(text: str | None, what: str) -> list[float] | None:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         _fail(f"--{what} expects comma-separated numbers, got {text!r}")
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--{what} expects comma-separated whole numbers, got {text!r}")
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -185,6 +210,9 @@ def sweep(
     register: str | None = typer.Option(None, help="Register every pruned model as a version of this MLflow registered model (each is also logged as an MLflow model of its unit run)."),
     cache_dir: Path | None = typer.Option(None, help="Statistics cache, reused by later campaigns (default: GFPRUNE_RAY_CACHE or ~/.cache/gfprune-ray)."),
     latency_repeats: int | None = typer.Option(None, help=LATENCY_HELP, show_default="5"),
+    latency_batch_sizes: str | None = typer.Option(None, help=LATENCY_BATCH_HELP, show_default="1,32"),
+    latency_seq_len: int | None = typer.Option(None, help=LATENCY_SEQ_HELP, show_default="128"),
+    latency_threads: int | None = typer.Option(None, help=LATENCY_THREADS_HELP, show_default="1"),
     shot_step: float | None = typer.Option(None, help=SHOT_STEP_HELP + " A sweep runs the shots of its lowest budget once; the other "
                                            "budgets branch off that path.", show_default=str(SHOT_STEP)),
     steps: int | None = typer.Option(None, help=STEPS_HELP, show_default=str(STEPS_CPU)),
@@ -207,7 +235,8 @@ def sweep(
         "eval_samples": eval_samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
         "reconstruction": reconstruct, "allocation": allocation, "workers": workers, "out": out, "experiment": experiment,
         "address": address, "tracking_uri": tracking_uri, "save_models": save_models, "register_model": register, "cache_dir": cache_dir,
-        "latency_repeats": latency_repeats, "shot_step": shot_step, "steps": steps,
+        "latency_repeats": latency_repeats, "latency_batch_sizes": _ints(latency_batch_sizes, "latency-batch-sizes"),
+        "latency_seq_len": latency_seq_len, "latency_threads": latency_threads, "shot_step": shot_step, "steps": steps,
         "checkpoint_every": checkpoint_every, "stats_memory": stats_memory, "dtype": dtype,
     }
     campaign = _run(lambda: load_campaign(config, models, **options))

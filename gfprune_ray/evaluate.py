@@ -11,45 +11,18 @@ examples and any other corpora, so that a model pruned on one domain is judged o
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .flops import model_macs
+from .latency import LatencySettings, paired_latency
 from .models import Adapter
 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-@torch.inference_mode()
-def paired_latency(dense: nn.Module, pruned: nn.Module, batch_size: int, seq_len: int, repeats: int = 5) -> tuple[float, float, float]:
-    """(median wall time (s) of one forward pass of each model on the same random tokens, and the
-    spread of their ratio: the interquartile range of the per-round speedups over their median;
-    NaN below 3 rounds, where no spread can be told).
-
-    The two models take turns, after one warm-up pass each, so that drift in the machine's speed
-    (other tenants, clock changes) hits both alike instead of skewing their ratio."""
-    ids = torch.randint(3, dense.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    times: dict[int, list[float]] = {id(dense): [], id(pruned): []}
-    for n in range(repeats + 1):
-        for model in (dense, pruned):
-            start = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask)
-            if n:  # the first round is the warm-up
-                times[id(model)].append(time.perf_counter() - start)
-    dense_t, pruned_t = times[id(dense)], times[id(pruned)]
-    spread = float("nan")
-    if repeats >= 3:
-        ratios = [d / p for d, p in zip(dense_t, pruned_t)]
-        q1, _, q3 = statistics.quantiles(ratios, n=4)
-        spread = (q3 - q1) / statistics.median(ratios)
-    return statistics.median(dense_t), statistics.median(pruned_t), spread
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -175,11 +148,13 @@ def dense_counts(adapter: Adapter, seq_len: int = 128) -> dict:
     return {"dense_macs": model_macs(adapter, seq_len), "dense_params": count_params(adapter.model)}
 
 
-def efficiency(dense_adapter: Adapter | None, pruned_adapter: Adapter, seq_len: int = 128, batch_sizes=(1, 32), repeats: int = 5,
+def efficiency(dense_adapter: Adapter | None, pruned_adapter: Adapter, latency: LatencySettings = LatencySettings(),
                counts: dict | None = None) -> dict:
-    """MACs, parameters and measured latency of dense and pruned, with the ideal speedup beside it.
-    With the dense model's `counts` and no latency (repeats 0) the dense model itself is not
-    needed: a caller can cut it in place instead of keeping a second copy."""
+    """MACs at `latency.seq_len` tokens, parameters and measured latency of dense and pruned, with
+    the ideal speedup beside it (latency.py says how the latency is made trustworthy). With the
+    dense model's `counts` and no latency (repeats 0) the dense model itself is not needed: a
+    caller can cut it in place instead of keeping a second copy."""
+    seq_len = latency.seq_len
     counts = counts or dense_counts(dense_adapter, seq_len)
     pruned_macs = model_macs(pruned_adapter, seq_len)
     result = {
@@ -191,12 +166,9 @@ def efficiency(dense_adapter: Adapter | None, pruned_adapter: Adapter, seq_len: 
         "params": count_params(pruned_adapter.model),
         "latency_seq_len": seq_len,
     }
-    for b in batch_sizes if repeats > 0 else ():  # 0 repeats: no latency, only the counts
-        t_dense, t_pruned, spread = paired_latency(dense_adapter.model, pruned_adapter.model, b, seq_len, repeats)
-        result[f"latency_b{b}_dense_s"] = t_dense
-        result[f"latency_b{b}_s"] = t_pruned
-        result[f"speedup_b{b}"] = t_dense / t_pruned
-        result[f"speedup_b{b}_vs_ideal"] = (t_dense / t_pruned) / result["ideal_speedup"]
-        if spread == spread:  # not NaN: enough rounds to tell
-            result[f"speedup_b{b}_spread"] = spread
+    if latency.repeats > 0:  # 0 repeats: no latency, only the counts
+        result["latency_threads"] = latency.threads
+    for b in latency.batch_sizes if latency.repeats > 0 else ():
+        timed = paired_latency(dense_adapter.model, pruned_adapter.model, b, seq_len, latency.repeats, latency.threads)
+        result |= timed.metrics(b, result["ideal_speedup"])
     return result

@@ -6,10 +6,11 @@ option or a missing data file answers in a fraction of a second instead of after
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .choices import ALLOCATIONS, CHECKPOINT_EVERY, DTYPES, METHOD_NAMES, RECONSTRUCTIONS, SHOT_STEP, STEPS_CPU, TRAINED_METHODS, check_budget, check_shot_step
 from .errors import UserError
+from .latency import LatencySettings
 
 
 @dataclass
@@ -31,6 +32,9 @@ class PruneOptions:
     checkpoint_every: int = CHECKPOINT_EVERY  # cofi and flop only: steps between checkpoints
     dtype: str | None = None  # the model's dtype; None: the checkpoint's own
     stats_memory: int | None = None  # bytes of statistics collected in one pass; None: an eighth of RAM
+    latency_batch_sizes: list[int] = field(default_factory=lambda: list(LatencySettings.batch_sizes))
+    latency_seq_len: int = LatencySettings.seq_len  # capped at the model's positions
+    latency_threads: int = LatencySettings.threads
 
     def validate(self) -> PruneOptions:
         try:
@@ -45,7 +49,7 @@ class PruneOptions:
         ):
             if value not in allowed:
                 raise UserError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
-        for name in ("samples", "eval_samples", "seq_len", "batch_size", "steps", "checkpoint_every"):
+        for name in ("samples", "eval_samples", "seq_len", "batch_size", "steps", "checkpoint_every", "latency_seq_len", "latency_threads"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -54,7 +58,13 @@ class PruneOptions:
             raise UserError(f"--dtype does not apply to {self.method}: it trains in the checkpoint's dtype")
         if self.latency_repeats < 0:
             raise UserError(f"latency-repeats must be 0 (no latency) or more, got {self.latency_repeats}")
+        if not self.latency_batch_sizes or min(self.latency_batch_sizes) < 1:
+            raise UserError(f"latency-batch-sizes must be one or more sizes of at least 1, got {self.latency_batch_sizes}")
         return self
+
+    def latency(self, max_positions: int | None) -> LatencySettings:
+        """How to time a model with `max_positions` positions (None: unbounded)."""
+        return LatencySettings(self.latency_repeats, tuple(self.latency_batch_sizes), self.latency_seq_len, self.latency_threads).within(max_positions)
 
 
 def saved_options(record: dict, overrides: dict) -> tuple[PruneOptions, str, list[str]]:

@@ -125,20 +125,12 @@ def collect_in_passes(adapter, batches: list[dict], groups: list[list], folder: 
     finish(folder, fingerprint, [s for g in groups for s in g], tokens)
 
 
-LATENCY_SEQ_LEN = 128
-
-
 def supported_adapter(model, source: str):
     """The model's adapter, or a one-line user error naming the unsupported architecture."""
     try:
         return adapter_for(model)
     except ValueError as exc:
         raise UserError(f"{source}: {exc}") from None
-
-
-def latency_seq_len(adapter) -> int:
-    """Tokens per sequence for MACs and latency: 128, or fewer when the model allows fewer."""
-    return min(LATENCY_SEQ_LEN, adapter.max_positions() or LATENCY_SEQ_LEN)
 
 
 def check_seq_len(adapter, seq_len: int) -> None:
@@ -152,8 +144,7 @@ def measure(dense_adapter, pruned_adapter, reference: CorpusReferences, opts: Pr
     model's `counts` and no latency to measure)."""
     with bar("evaluate", len(reference)) as step:
         quality = reference.measure(pruned_adapter.model, on_batch=step)
-    seq_len = latency_seq_len(pruned_adapter)
-    return quality | efficiency(dense_adapter, pruned_adapter, seq_len=seq_len, repeats=opts.latency_repeats, counts=counts)
+    return quality | efficiency(dense_adapter, pruned_adapter, opts.latency(pruned_adapter.max_positions()), counts)
 
 
 def _uncached_record(batches: list[dict], seq_len: float) -> dict:
@@ -197,7 +188,7 @@ def _train(source: str, batches: list[dict], labels: list[int] | None, opts: Pru
 
     seq_len = mean_tokens_per_sequence(batches)
     # the run's name: everything that changes its result, so a changed command starts afresh
-    options = {k: v for k, v in asdict(opts).items() if k not in ("checkpoint_every", "latency_repeats", "eval_samples")}
+    options = {k: v for k, v in asdict(opts).items() if k not in ("checkpoint_every", "eval_samples") and not k.startswith("latency_")}
     settings = {"source": source, "options": options, "batches": batches_fingerprint(batches), "labels": labels}
     name = f"{opts.method}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
     storage = Path(out).absolute().parent / f".{Path(out).name}.train"
@@ -268,7 +259,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
             # the dense model's outputs and counts first: then it is cut in place, and a second
             # copy is kept only where latency times the two side by side
             reference = references(adapter, sources, eval_batches, labels, others, tokenizer, opts)
-            counts = dense_counts(adapter, latency_seq_len(adapter))
+            counts = dense_counts(adapter, opts.latency(adapter.max_positions()).seq_len)
             dense = adapter_for(copy.deepcopy(model)) if opts.latency_repeats > 0 else None
             start = time.perf_counter()
             apply_pruning(adapter, result.masks, result.weights)

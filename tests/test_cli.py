@@ -171,11 +171,15 @@ def test_prune_and_eval_measure_every_evaluation_corpus(ws, tmp_path):
         assert metrics[f"relative_quality/{label}"] == pytest.approx(ppl[label][0] / ppl[label][1], rel=1e-5), label
     assert abs(ppl["data"][0] - ppl["other"][0]) > 1e-3 * ppl["data"][0], "the corpora must be told apart"
 
-    # eval without options measures the recorded corpora again
-    again = run_cli("eval", out, "--latency-repeats", "1")
+    # eval without options measures the recorded corpora again; latency where and as asked
+    again = run_cli("eval", out, "--latency-repeats", "3", "--latency-batch-sizes", "2,3", "--latency-seq-len", "8")
     assert again.returncode == 0, again.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())
     assert report["eval_data"] == [str(other)] and report["calibration_corpus"] == "data"
+    timed = report["metrics"]
+    assert timed["latency_seq_len"] == 8 and timed["latency_threads"] == 1 and not [k for k in timed if k.startswith("latency_b1_")]
+    for b in (2, 3):
+        assert timed[f"latency_b{b}_rounds"] >= 3 and f"speedup_b{b}_spread" in timed and 0 < timed[f"latency_b{b}_cpu_share"] < 1.5
     for key in ("relative_quality/data", "relative_quality/other", "perplexity/other", "relative_quality"):
         assert report["metrics"][key] == pytest.approx(metrics[key], rel=1e-5), key
 

@@ -49,19 +49,6 @@ def test_count_params_counts_tied_weights_once():
     assert count_params(model) < sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
 
 
-def test_paired_latency_times_both_models_on_the_same_input():
-    from gfprune_ray.evaluate import paired_latency
-
-    small = tiny_model("bert")
-    big_config = small.config.__class__(**{**small.config.to_dict(), "num_hidden_layers": 8})
-    big = type(small)(big_config).eval()
-    t_big, t_small, spread = paired_latency(big, small, batch_size=4, seq_len=32, repeats=5)
-    assert t_big > 0 and t_small > 0
-    assert t_big > t_small  # four times the layers is slower, even on a noisy machine
-    assert 0 <= spread < 10  # the interquartile range of five per-round speedups, over their median
-    assert math.isnan(paired_latency(big, small, batch_size=4, seq_len=32, repeats=2)[2]), "two rounds tell no spread"
-
-
 def test_corpus_references_report_each_corpus_and_the_calibration_one_plainly():
     from gfprune_ray.evaluate import CorpusReferences
 
@@ -103,9 +90,10 @@ def test_fidelity_is_the_mean_cosine_of_mean_pooled_embeddings_of_two_different_
 
 def test_efficiency_without_repeats_counts_but_does_not_time():
     from gfprune_ray.evaluate import efficiency
+    from gfprune_ray.latency import LatencySettings
 
     dense = tiny_model("bert")
     smaller = type(dense)(dense.config.__class__(**{**dense.config.to_dict(), "num_hidden_layers": 1})).eval()
-    result = efficiency(adapter_for(dense), adapter_for(smaller), seq_len=16, repeats=0)
+    result = efficiency(adapter_for(dense), adapter_for(smaller), LatencySettings(repeats=0, seq_len=16))
     assert not [k for k in result if "latency_b" in k or k.startswith("speedup")], sorted(result)
     assert math.isclose(result["ideal_speedup"], result["dense_macs"] / result["macs"]) and result["ideal_speedup"] > 1.5

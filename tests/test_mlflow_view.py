@@ -35,7 +35,7 @@ def campaign(local_ray, tmp_path_factory):
     (root / "data.txt").write_text("\n".join(sentences(60)) + "\n")
     (root / "other.txt").write_text("\n".join(sentences(30, seed=4)) + "\n")
     c = load_campaign(models=root / "models.txt", methods=["gfp"], budgets=[0.8], data=str(root / "data.txt"), eval_data=[str(root / "other.txt")],
-                      samples=24, eval_samples=12, seq_len=16, batch_size=8, latency_repeats=1, out=root / "out", experiment="view",
+                      samples=24, eval_samples=12, seq_len=16, batch_size=8, latency_repeats=1, latency_batch_sizes=[2, 8], out=root / "out", experiment="view",
                       tracking_uri=f"sqlite:///{root / 'mlflow.db'}", cache_dir=root / "cache", register_model="tiny-pruned")
     ns = type("View", (), {})()
     ns.root, ns.result = root, run_sweep(c)
@@ -67,6 +67,7 @@ def test_params_are_what_a_user_filters_on_and_the_environment_is_tags(campaign)
     [unit] = campaign.runs["unit"]
     for key in ("model", "method", "budget", "data", "samples", "architecture"):
         assert key in unit.data.params, key
+    assert unit.data.params["latency_batch_sizes"] == "2,8" and unit.data.params["latency_threads"] == "1"
     for key in ("version_torch", "version_mlflow", "model_fingerprint", "stats_fingerprint"):
         assert key in unit.data.tags and key not in unit.data.params, key
     [parent] = campaign.runs["campaign"]
@@ -102,7 +103,16 @@ def test_the_table_shows_the_quality_value_enough_digits_and_one_named_macs_figu
     assert "fidelity" in header and "MACs kept @64 tok" in header  # 128 tokens, or all the positions of a smaller model
     assert row[header.index("fidelity")] == f"{float(record['fidelity']):.5f}"
     assert row[header.index("MACs kept @64 tok")] == f"{float(record['macs_ratio']):.3f}"
-    assert row[header.index("speedup b32")].endswith("(few runs)"), "one latency round cannot tell its spread"
+    # the speedup at the largest batch timed, marked where it cannot be trusted
+    assert row[header.index("speedup b8")].endswith("(few runs)"), "one latency round cannot tell its spread"
+    assert {"latency_b2_s", "latency_b8_cpu_share", "speedup_b8_trusted"} <= set(record) and "speedup_b32" not in record
+    timed = {**record, "speedup_b8_spread": 0.02, "latency_b8_busy": 0.0}
+    assert table_rows([timed])[1][0][header.index("speedup b8")] == f"{float(record['speedup_b8']):.2f}"
+    busy = table_rows([timed | {"latency_b8_busy": 1.0}])[1][0][header.index("speedup b8")]
+    assert busy.endswith("(busy machine)")
+    small = {k: v for k, v in timed.items() if "_b8" not in k}
+    header, rows = table_rows([timed, small])
+    assert "speedup" in header and sorted(r[header.index("speedup")].split(" ")[1] for r in rows) == ["@b2", "@b8"]
     # mixed rows name them in each cell
     other = {**record, "quality_metric": "perplexity", "perplexity": 36.4172, "latency_seq_len": 128}
     header, rows = table_rows([record, other])

@@ -141,7 +141,8 @@ def test_the_cli_and_the_campaign_schema_import_no_torch_ray_or_mlflow():
 
 
 @pytest.mark.parametrize("bad", [["--budget", "2"], ["--data", "/no/such/file.txt"], ["--method", "llm-surgeon", "--shot-step", "0"],
-                                 ["--eval-data", "pydoc,/no/such/corpus.txt"], ["--samples", "0"]])
+                                 ["--eval-data", "pydoc,/no/such/corpus.txt"], ["--samples", "0"], ["--latency-batch-sizes", "0"],
+                                 ["--latency-batch-sizes", "1,x"], ["--latency-threads", "0"]])
 def test_prune_refuses_bad_input_before_importing_torch(bad, tmp_path):
     """`prune`'s options and data are checked before the heavy stack is imported (options.py)."""
     code = ("import sys; from typer.testing import CliRunner; from gfprune_ray.cli import app; "

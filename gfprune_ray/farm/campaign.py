@@ -34,6 +34,7 @@ from ..choices import (
     parse_memory,
 )
 from ..errors import UserError, first_line
+from ..latency import LatencySettings
 from ..packaged import cache_root
 
 # Tasks on other nodes (and workers started in another directory) resolve a relative path
@@ -108,7 +109,10 @@ class Campaign(BaseModel):
     cache_dir: Path | None = None
     address: str | None = None
     tracking_uri: str | None = None
-    latency_repeats: Annotated[int, Field(ge=0)] = 5  # 0: no latency measured
+    latency_repeats: Annotated[int, Field(ge=0)] = LatencySettings.repeats  # 0: no latency measured
+    latency_batch_sizes: list[Positive] = Field(list(LatencySettings.batch_sizes), min_length=1)
+    latency_seq_len: Positive = LatencySettings.seq_len  # capped at each model's positions
+    latency_threads: Positive = LatencySettings.threads
     shot_step: Annotated[float, Field(gt=0, le=1)] = SHOT_STEP  # llm-surgeon: the most of the prunable MACs one shot removes
     steps: Positive = STEPS_CPU  # cofi, flop: training steps per unit
     checkpoint_every: Positive = CHECKPOINT_EVERY  # cofi, flop: steps between checkpoints
@@ -125,6 +129,10 @@ class Campaign(BaseModel):
             if self.dtype_of(entry) and trained:
                 raise ValueError(f"dtype does not apply to {', '.join(trained)} ({entry.source}): they train in the checkpoint's dtype")
         return self
+
+    def latency(self) -> LatencySettings:
+        """How units are timed (before capping at a model's positions)."""
+        return LatencySettings(self.latency_repeats, tuple(self.latency_batch_sizes), self.latency_seq_len, self.latency_threads)
 
     def reconstruction_of(self, method: str) -> str:
         """llm-surgeon writes its own weights (correlated updates), cofi and flop train theirs; the

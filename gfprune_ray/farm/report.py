@@ -9,6 +9,8 @@ import csv
 import io
 from pathlib import Path
 
+from ..latency import doubt, timed_batches
+
 # (column, record key, format); records are flat dicts of a unit's params and metrics, plus the
 # derived fields `with_derived` adds (keys starting with "_")
 COLUMNS = [
@@ -20,11 +22,10 @@ COLUMNS = [
     ("relative quality", "relative_quality", "{:.5f}"),
     ("accuracy", "accuracy", "{:.4f}"),
     ("params", "params", "{:,.0f}"),
-    ("speedup b32", "_speedup_b32", "{}"),
-    ("vs ideal", "speedup_b32_vs_ideal", "{:.2f}"),
+    ("speedup", "_speedup", "{}"),
+    ("vs ideal", "_speedup_vs_ideal", "{:.2f}"),
     ("status", "status", "{}"),
 ]
-NOISY_SPREAD = 0.1  # a speedup whose per-round values spread more than this (IQR / median) is marked
 
 
 def _number(value) -> float | None:
@@ -37,8 +38,9 @@ def _number(value) -> float | None:
 def with_derived(record: dict, shared: dict | None = None) -> dict:
     """The record with the cells that combine fields: the quality value named by its metric, the
     whole model's MACs ratio with the sequence length it was counted at, and the speedup marked
-    when its measurement cannot be trusted (too few rounds, or a large spread). What `shared`
-    says every row has in common (`quality_metric`, `latency_seq_len`) goes to the header instead."""
+    when its measurement cannot be trusted (latency.doubt), at the largest batch size timed. What
+    `shared` says every row has in common (`quality_metric`, `latency_seq_len`,
+    `_speedup_batch`) goes to the header instead."""
     shared = shared or {}
     out = dict(record)
     metric = record.get("quality_metric")
@@ -50,17 +52,27 @@ def with_derived(record: dict, shared: dict | None = None) -> dict:
     if ratio is not None:
         at = _number(record.get("latency_seq_len"))
         out["_macs_kept"] = f"{ratio:.3f}" + ("" if "latency_seq_len" in shared or not at else f" @{at:.0f} tok")
-    speedup = _number(record.get("speedup_b32"))
-    if speedup is not None:
-        spread = _number(record.get("speedup_b32_spread"))
-        mark = " (few runs)" if spread is None else " (noisy)" if spread > NOISY_SPREAD else ""
-        out["_speedup_b32"] = f"{speedup:.2f}{mark}"
+    batch = speedup_batch(record)
+    if batch is not None:
+        reason = doubt(record, batch)
+        at = "" if "_speedup_batch" in shared else f" @b{batch}"
+        out["_speedup"] = f"{_number(record[f'speedup_b{batch}']):.2f}{at}" + (f" ({reason})" if reason else "")
+        out["_speedup_vs_ideal"] = record.get(f"speedup_b{batch}_vs_ideal")
     return out
 
 
+def speedup_batch(record: dict) -> int | None:
+    """The largest batch size a record has a speedup for (the table's speedup column shows it)."""
+    return max(timed_batches(record), default=None)
+
+
 def shared_fields(records: list[dict]) -> dict:
-    """`quality_metric` and `latency_seq_len` where every row that has one has the same."""
+    """`quality_metric`, `latency_seq_len` and the speedup's batch size where every row that has
+    one has the same."""
     out = {}
+    batches = {speedup_batch(r) for r in records} - {None}
+    if len(batches) == 1:
+        out["_speedup_batch"] = batches.pop()
     for key in ("quality_metric", "latency_seq_len"):
         values = {str(r[key]) for r in records if r.get(key) not in (None, "")}
         if len(values) == 1:
@@ -107,6 +119,8 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     headers = {"_quality": shared.get("quality_metric", "quality")}
     if "latency_seq_len" in shared:
         headers["_macs_kept"] = f"MACs kept @{float(shared['latency_seq_len']):.0f} tok"
+    if "_speedup_batch" in shared:
+        headers["_speedup"] = f"speedup b{shared['_speedup_batch']}"
     records = [with_derived(r, shared) for r in sorted(records, key=_sort_key)]
     used = [(headers.get(c[1], c[0]), *c[1:]) for c in columns(records) if any(r.get(c[1]) not in (None, "") for r in records)]
     return [c[0] for c in used], [[_cell(r, key, fmt) for _, key, fmt in used] for r in records]

@@ -35,6 +35,7 @@ import torch
 from ..curvature import collect_curvature
 from ..errors import UserError, first_line
 from ..evaluate import CorpusReferences, dense_counts, efficiency
+from ..latency import LatencySettings
 from ..memory import release_memory
 from ..methods import get_method
 from ..methods.surgeon import SurgeonState
@@ -417,8 +418,7 @@ def reference(source: str, corpora: dict, calibration: str, batch_size: int, tas
 class EvalSpec:
     source: str
     sites: list[Site]
-    latency_seq_len: int
-    latency_repeats: int
+    latency: LatencySettings  # within the model's positions
     folder: str | None  # where the pruned model goes (None: not saved)
     record: dict  # written as gfprune.json beside a saved model
     dtype: str | None = None  # the model's dtype as the campaign loads it (None: the checkpoint's)
@@ -431,13 +431,13 @@ def evaluate_unit(spec: EvalSpec, ref: CorpusReferences, masks: Timed, *recs: Ti
     set_threads(1)
     start = time.perf_counter()
     dense, tokenizer = _load(spec.source, spec.dtype)
-    counts = dense_counts(dense, spec.latency_seq_len)
+    counts = dense_counts(dense, spec.latency.seq_len)
     kept = masks.value.kept_fraction(dense.geometries(), spec.record["mean_seq_len"])
     # latency times both models side by side; without it the dense model is cut in place (one copy)
-    pruned = adapter_for(copy.deepcopy(dense.model)) if spec.latency_repeats > 0 else dense
+    pruned = adapter_for(copy.deepcopy(dense.model)) if spec.latency.repeats > 0 else dense
     weights = {site: r.value for site, r in zip(spec.sites, recs) if r.value is not None}
     apply_pruning(pruned, masks.value, weights)
-    dense = dense if spec.latency_repeats > 0 else None
+    dense = dense if spec.latency.repeats > 0 else None
     result = measure_and_save(spec, ref, dense, pruned, tokenizer, masks.value.to_json(), {"kept_prunable_macs": kept}, counts)
     timings = {"search_s": masks.seconds, "reconstruct_s": sum(r.seconds for r in recs)} | (timings or {})
     timings["evaluate_s"] = time.perf_counter() - start
@@ -449,7 +449,7 @@ def measure_and_save(spec: EvalSpec, ref: CorpusReferences, dense, pruned, token
     """Quality and efficiency of a cut model next to the dense one; the model saved in its folder
     (written aside and renamed: a folder left by a killed attempt at this unit is replaced).
     Returning the folder's path, not its files, keeps a 7B model out of the object store."""
-    efficient = efficiency(dense, pruned, seq_len=spec.latency_seq_len, repeats=spec.latency_repeats, counts=counts)
+    efficient = efficiency(dense, pruned, spec.latency, counts)
     metrics = ref.measure(pruned.model) | efficient | extra
     if spec.folder is not None:
         record = spec.record | {"metrics": metrics, "sizes": pruned.sizes(), "masks": masks_json}

@@ -23,7 +23,6 @@ from ..data import CORPORA, check_sources, evaluation_sources, with_labels
 from ..errors import UserError, first_line
 from ..outputs import check_writable_folder, staged_output
 from ..progress import StageProgress, warn
-from ..single import LATENCY_SEQ_LEN
 from ..stats import plan_groups, stats_fingerprint
 from ..stats_store import finish, is_complete, move_aside, stored_tokens
 from ..train_ray import TrainJob
@@ -222,7 +221,7 @@ class Sweep:
         c = self.c
         save = c.save_models and unit.key not in self.remeasure  # a unit measured again has its model saved already
         folder = str(self._model_folder(unit)) if save else None  # absolute (Campaign.out): workers run elsewhere
-        return stages.EvalSpec(work.entry.source, work.info.sites, self._latency_seq_len(work.info), c.latency_repeats, folder, self._record(unit, work),
+        return stages.EvalSpec(work.entry.source, work.info.sites, c.latency().within(work.info.max_positions), folder, self._record(unit, work),
                                c.dtype_of(work.entry))
 
     def _train_storage(self) -> Path:
@@ -232,16 +231,13 @@ class Sweep:
         self.stage_refs[stage].extend(refs)
         self.progress.add(stage, len(refs))
 
-    @staticmethod
-    def _latency_seq_len(info: stages.ModelInfo) -> int:
-        return min(LATENCY_SEQ_LEN, info.max_positions or LATENCY_SEQ_LEN)
-
     def _options(self, unit: Unit) -> dict:
         c = self.c
         return {
             "budget": unit.budget, "method": unit.method, "reconstruction": c.reconstruction_of(unit.method), "allocation": c.allocation,
             "samples": c.samples, "eval_samples": c.eval_samples, "seq_len": c.seq_len_of(unit.entry),
             "batch_size": c.batch_size, "seed": c.seed, "latency_repeats": c.latency_repeats,
+            "latency_batch_sizes": c.latency_batch_sizes, "latency_seq_len": c.latency_seq_len, "latency_threads": c.latency_threads,
         } | c.method_options(unit.method) | c.model_options(unit.entry)
 
     def _record(self, unit: Unit, work: ModelWork) -> dict:
@@ -299,7 +295,8 @@ class Sweep:
             return
         # params are what a user filters and compares on; facts about the environment are tags
         params = {"model": unit.name, "source": unit.entry.source, "data": c.data, "calibration_corpus": self.calibration, "task": unit.entry.task}
-        params |= self._options(unit) | {"architecture": work.info.architecture}
+        params |= {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in self._options(unit).items()}
+        params["architecture"] = work.info.architecture
         tags = package_versions() | {"model_fingerprint": work.info.fingerprint, "stats_fingerprint": work.stats_fp, CORPORA_TAG: json.dumps(self.where)}
         try:
             result = ray.get(ref)
