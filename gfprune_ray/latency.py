@@ -150,6 +150,33 @@ def busy_cpu_seconds(cpus: set[int]) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+@dataclass
+class LoadReading:
+    cpu_share: float
+    other_cpus: float | None
+    busy: bool
+
+
+class _Load:
+    """What the machine gave this process, and what other work took, since it was made."""
+
+    def __init__(self, cpus: set[int], threads: int):
+        self.cpus, self.threads = cpus, threads
+        self.machine, self.cpu, self.start = busy_cpu_seconds(cpus), time.process_time(), time.perf_counter()
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.start
+
+    def read(self) -> LoadReading:
+        wall, cpu, machine = self.wall(), time.process_time() - self.cpu, busy_cpu_seconds(self.cpus)
+        share = cpu / (wall * self.threads)
+        other = None  # /proc/stat counts in ticks of 10 ms: too coarse to tell under half a second
+        if self.machine is not None and machine is not None and wall >= MIN_WALL_FOR_LOAD:
+            other = max(0.0, (machine - self.machine - cpu) / wall)
+        busy = share < MIN_CPU_SHARE or (other is not None and other > max(0.5, len(self.cpus) / 4))
+        return LoadReading(share, other, busy)
+
+
 @contextmanager
 def pinned_threads(n: int) -> Iterator[None]:
     import torch
@@ -169,12 +196,11 @@ def paired_latency(dense, pruned, batch_size: int, seq_len: int, repeats: int = 
 
     ids = torch.randint(3, dense.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    cpus = _cpus()
     times: dict[int, list[float]] = {id(dense): [], id(pruned): []}
     with pinned_threads(threads), torch.inference_mode():
         for model in (dense, pruned):
             model(input_ids=ids, attention_mask=mask)
-        machine_start, cpu_start, start = busy_cpu_seconds(cpus), time.process_time(), time.perf_counter()
+        load = _Load(_cpus(), threads)
         deadline = float("inf")
         while True:
             for model in (dense, pruned):
@@ -183,14 +209,11 @@ def paired_latency(dense, pruned, batch_size: int, seq_len: int, repeats: int = 
                 times[id(model)].append(time.perf_counter() - begin)
             dense_t, pruned_t = times[id(dense)], times[id(pruned)]
             if len(dense_t) == repeats:
-                deadline = start + (time.perf_counter() - start) * (1 + EXTRA_TIME)
+                deadline = time.perf_counter() + load.wall() * EXTRA_TIME
             spread = _spread([d / p for d, p in zip(dense_t, pruned_t)])
-            if len(dense_t) >= repeats and not (spread > SPREAD_LIMIT and time.perf_counter() < deadline):
+            # more rounds help a quiet machine's jitter, not a busy machine's bias: stop there
+            noisy = spread > SPREAD_LIMIT and time.perf_counter() < deadline and not load.read().busy
+            if len(dense_t) >= repeats and not noisy:
                 break
-        wall, cpu, machine_end = time.perf_counter() - start, time.process_time() - cpu_start, busy_cpu_seconds(cpus)
-    cpu_share = cpu / (wall * threads)
-    other = None  # /proc/stat counts in ticks of 10 ms: too coarse to tell under half a second
-    if machine_start is not None and machine_end is not None and wall >= MIN_WALL_FOR_LOAD:
-        other = max(0.0, (machine_end - machine_start - cpu) / wall)
-    busy = cpu_share < MIN_CPU_SHARE or (other is not None and other > max(0.5, len(cpus) / 4))
-    return Latency(statistics.median(dense_t), statistics.median(pruned_t), len(dense_t), spread, cpu_share, other, busy)
+        reading = load.read()
+    return Latency(statistics.median(dense_t), statistics.median(pruned_t), len(dense_t), spread, reading.cpu_share, reading.other_cpus, reading.busy)
