@@ -162,6 +162,17 @@ def evaluate(
     _print_report(f"{path}", report["metrics"], folder=path)
 
 
+def _note_untrusted_speedups(records: list[dict], out: Path) -> None:
+    from .latency import doubt, timed_batches
+
+    timed = [r for r in records if timed_batches(r)]
+    doubted = [r for r in timed if any(doubt(r, b) for b in timed_batches(r))]
+    if doubted:
+        typer.echo(f"note: {len(doubted)} of {len(timed)} units' speedups cannot be trusted (marked in the table: other work shared the "
+                   f"machine, or the passes varied); for numbers to quote, measure a saved model again on a quiet machine: "
+                   f"gfprune-ray eval {out}/<model>/<method>-<budget>", err=True)
+
+
 def _floats(text: str | None, what: str) -> list[float] | None:
     if text is None:
         return None
@@ -244,6 +255,7 @@ def sweep(
     from .farm.sweep import run_sweep
 
     result = _run(lambda: run_sweep(campaign))
+    _note_untrusted_speedups(result.records, campaign.out)
     typer.echo(f"summary: {result.summary['md']}  plot: {result.summary['plot']}")
     typer.echo(f"MLflow runs of experiment {campaign.experiment!r}: {result.runs_url}")
     if result.failures:
