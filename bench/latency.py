@@ -78,7 +78,7 @@ def rows_for(condition: str, dense, pruned, a: argparse.Namespace) -> list[dict]
             metrics = timed.metrics(batch, 1.0)
             rows.append({"condition": condition, "threads": threads, "batch": batch, "speedup": metrics[f"speedup_b{batch}"],
                          "dense_s": timed.dense_s, "pruned_s": timed.pruned_s, "rounds": timed.rounds, "spread": timed.spread,
-                         "cpu_share": timed.cpu_share, "other_cpus": timed.other_cpus, "verdict": doubt(metrics, batch) or "trusted",
+                         "cpu_share": timed.load.cpu_share, "other_cpus": timed.load.other_cpus, "verdict": doubt(metrics, batch) or "trusted",
                          "seconds": time.perf_counter() - start})
             print(_line(rows[-1]), flush=True)
     return rows

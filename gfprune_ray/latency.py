@@ -49,14 +49,19 @@ class LatencySettings:
 
 
 @dataclass
+class LoadReading:
+    cpu_share: float  # CPU seconds the process got over wall seconds x threads
+    other_cpus: float | None  # cores other work kept busy meanwhile (None where /proc/stat does not say)
+    busy: bool  # the process was starved, or other work used a quarter of the cores (at least half a core)
+
+
+@dataclass
 class Latency:
     dense_s: float  # median wall time of one forward pass
     pruned_s: float
     rounds: int  # timed passes of each model
     spread: float  # interquartile range of the per-round speedups over their median; NaN below 3 rounds
-    cpu_share: float  # CPU seconds the process got over wall seconds x threads
-    other_cpus: float | None  # cores other work kept busy meanwhile (None where /proc/stat does not say)
-    busy: bool  # the machine was busy: the process was starved, or other work used a quarter of its cores
+    load: LoadReading  # over all the timed rounds
 
     def metrics(self, batch: int, ideal_speedup: float) -> dict:
         """MLflow-ready numbers, named for the batch size."""
@@ -67,13 +72,13 @@ class Latency:
             f"speedup_b{batch}": speedup,
             f"speedup_b{batch}_vs_ideal": speedup / ideal_speedup,
             f"latency_b{batch}_rounds": float(self.rounds),
-            f"latency_b{batch}_cpu_share": self.cpu_share,
-            f"latency_b{batch}_busy": float(self.busy),
+            f"latency_b{batch}_cpu_share": self.load.cpu_share,
+            f"latency_b{batch}_busy": float(self.load.busy),
         }
         if self.spread == self.spread:  # not NaN: enough rounds to tell
             out[f"speedup_b{batch}_spread"] = self.spread
-        if self.other_cpus is not None:
-            out[f"latency_b{batch}_other_cpus"] = self.other_cpus
+        if self.load.other_cpus is not None:
+            out[f"latency_b{batch}_other_cpus"] = self.load.other_cpus
         out[f"speedup_b{batch}_trusted"] = float(doubt(out, batch) is None)
         return out
 
@@ -150,13 +155,6 @@ def busy_cpu_seconds(cpus: set[int]) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-@dataclass
-class LoadReading:
-    cpu_share: float
-    other_cpus: float | None
-    busy: bool
-
-
 class _Load:
     """What the machine gave this process, and what other work took, since it was made."""
 
@@ -216,4 +214,4 @@ def paired_latency(dense, pruned, batch_size: int, seq_len: int, repeats: int = 
             if len(dense_t) >= repeats and not noisy:
                 break
         reading = load.read()
-    return Latency(statistics.median(dense_t), statistics.median(pruned_t), len(dense_t), spread, reading.cpu_share, reading.other_cpus, reading.busy)
+    return Latency(statistics.median(dense_t), statistics.median(pruned_t), len(dense_t), spread, reading)

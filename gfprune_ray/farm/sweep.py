@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -219,10 +219,11 @@ class Sweep:
 
     def _eval_spec(self, unit: Unit, work: ModelWork) -> stages.EvalSpec:
         c = self.c
-        save = c.save_models and unit.key not in self.remeasure  # a unit measured again has its model saved already
-        folder = str(self._model_folder(unit)) if save else None  # absolute (Campaign.out): workers run elsewhere
-        return stages.EvalSpec(work.entry.source, work.info.sites, c.latency().within(work.info.max_positions), folder, self._record(unit, work),
-                               c.dtype_of(work.entry))
+        again = unit.key in self.remeasure  # measured again for new corpora: its model is saved and its latency known
+        folder = str(self._model_folder(unit)) if c.save_models and not again else None  # absolute (Campaign.out): workers run elsewhere
+        latency = c.latency().within(work.info.max_positions)
+        latency = replace(latency, repeats=0) if again else latency
+        return stages.EvalSpec(work.entry.source, work.info.sites, latency, folder, self._record(unit, work), c.dtype_of(work.entry))
 
     def _train_storage(self) -> Path:
         return self.c.out / ".train"
