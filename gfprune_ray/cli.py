@@ -118,7 +118,7 @@ def prune(
 
     memory = None if stats_memory is None else _run(lambda: parse_memory(stats_memory))
     opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shot_step, steps,
-                        checkpoint_every, dtype, memory, _ints(latency_batch_sizes, "latency-batch-sizes"), latency_seq_len, latency_threads)
+                        checkpoint_every, dtype, memory, _numbers(latency_batch_sizes, "latency-batch-sizes", int), latency_seq_len, latency_threads)
     _run(opts.validate)
     _run(lambda: check_sources(data, _names(eval_data)))  # prune_model reads them again, for callers of the API
     from .single import prune_model
@@ -152,7 +152,7 @@ def evaluate(
     from .outputs import read_record  # these three are torch-free: bad input fails before the heavy imports
 
     overrides = dict(data=data, eval_data=_names(eval_data), eval_samples=eval_samples, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                     latency_repeats=latency_repeats, latency_batch_sizes=_ints(latency_batch_sizes, "latency-batch-sizes"),
+                     latency_repeats=latency_repeats, latency_batch_sizes=_numbers(latency_batch_sizes, "latency-batch-sizes", int),
                      latency_seq_len=latency_seq_len, latency_threads=latency_threads)
     _, calibration_data, eval_sources = _run(lambda: saved_options(read_record(path), overrides))
     _run(lambda: check_sources(calibration_data, eval_sources))  # evaluate_saved reads the record and sources again, for callers of the API
@@ -173,22 +173,13 @@ def _note_untrusted_speedups(records: list[dict], out: Path) -> None:
                    f"gfprune-ray eval {out}/<model>/<method>-<budget>", err=True)
 
 
-def _floats(text: str | None, what: str) -> list[float] | None:
+def _numbers(text: str | None, what: str, kind: type[int] | type[float] = float) -> list | None:
     if text is None:
         return None
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        _fail(f"--{what} expects comma-separated numbers, got {text!r}")
-
-
-def _ints(text: str | None, what: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        _fail(f"--{what} expects comma-separated whole numbers, got {text!r}")
+        _fail(f"--{what} expects comma-separated {'whole numbers' if kind is int else 'numbers'}, got {text!r}")
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -242,11 +233,11 @@ def sweep(
     from .farm.campaign import load_campaign  # both torch-free: bad input fails before the farm's imports
 
     options = {
-        "budgets": _floats(budgets, "budgets"), "methods": _names(methods), "data": data, "eval_data": _names(eval_data), "samples": samples,
+        "budgets": _numbers(budgets, "budgets"), "methods": _names(methods), "data": data, "eval_data": _names(eval_data), "samples": samples,
         "eval_samples": eval_samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
         "reconstruction": reconstruct, "allocation": allocation, "workers": workers, "out": out, "experiment": experiment,
         "address": address, "tracking_uri": tracking_uri, "save_models": save_models, "register_model": register, "cache_dir": cache_dir,
-        "latency_repeats": latency_repeats, "latency_batch_sizes": _ints(latency_batch_sizes, "latency-batch-sizes"),
+        "latency_repeats": latency_repeats, "latency_batch_sizes": _numbers(latency_batch_sizes, "latency-batch-sizes", int),
         "latency_seq_len": latency_seq_len, "latency_threads": latency_threads, "shot_step": shot_step, "steps": steps,
         "checkpoint_every": checkpoint_every, "stats_memory": stats_memory, "dtype": dtype,
     }
