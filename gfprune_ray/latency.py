@@ -10,7 +10,7 @@ half the CPU seconds its threads' wall time allows. So a measurement here
 - pins torch's threads (one by default: the same in `prune` and in the farm's one-CPU tasks);
 - lets dense and pruned take turns on the same input, so drift hits both alike;
 - goes on past the asked rounds while their speedups spread widely, up to EXTRA_TIME times
-  the asked rounds' time;
+  the asked rounds' time, unless the machine is busy (more rounds cure jitter, not that bias);
 - reports the CPU share the process got and the cores other work kept busy meanwhile, and says
   when its speedup cannot be trusted instead of printing it plainly.
 
