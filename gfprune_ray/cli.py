@@ -37,9 +37,10 @@ STEPS_HELP = ("cofi, flop: steps that train the gates with the weights; a quarte
 CHECKPOINT_HELP = "cofi, flop: training steps between checkpoints; a killed run resumes from the last one when the same command runs again."
 SHOT_STEP_HELP = ("llm-surgeon: the most of the prunable MACs one shot removes (curvature is collected again on the partly "
                   "pruned model before each shot): budget 0.6 takes 4 shots at 0.1, 0.75 takes 3 (0.9, 0.8, 0.75).")
-LATENCY_HELP = ("Timed forward passes of each model per latency measurement, taking turns; more while their speedups spread "
-                "over 10% on a machine that is not busy, for up to 3x the time again. The median is reported with its spread and the CPU share the process "
-                "got, and a speedup that cannot be trusted (a busy machine, a wide spread, under 3 passes) is marked. 0 skips latency.")
+LATENCY_HELP = ("Timed forward passes of each model per latency measurement, taking turns; more while their speedups "
+                "spread over 10% on a machine that is not busy, for up to 3x the time again. The median is reported with "
+                "its spread and the CPU share the process got, and a speedup that cannot be trusted (a busy machine, a wide "
+                "spread, under 3 passes) is marked. 0 skips latency.")
 LATENCY_BATCH_HELP = "Batch sizes latency is measured at, comma-separated."
 LATENCY_SEQ_HELP = "Tokens per sequence for latency and for MACs (at most the model's positions)."
 LATENCY_THREADS_HELP = "torch threads while timing: one gives the same numbers in prune and in a sweep's one-CPU tasks."
