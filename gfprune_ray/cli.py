@@ -43,7 +43,8 @@ LATENCY_HELP = ("Timed forward passes of each model per latency measurement, tak
                 "spread, under 3 passes) is marked. 0 skips latency.")
 LATENCY_BATCH_HELP = "Batch sizes latency is measured at, comma-separated."
 LATENCY_SEQ_HELP = "Tokens per sequence for latency and for MACs (at most the model's positions)."
-LATENCY_THREADS_HELP = "torch threads while timing: one gives the same numbers in prune and in a sweep's one-CPU tasks."
+LATENCY_THREADS_HELP = ("torch threads while timing, at most the CPUs the process may use (latency_threads records the number "
+                        "used): one gives the same numbers in prune and in a sweep's one-CPU tasks.")
 STATS_MEMORY_HELP = ("Most statistics (float64 Grams) one process holds in a collection pass, e.g. 6GB: a model whose statistics "
                      "exceed it is collected a group of layers per pass, each layer's written to disk as its pass ends (a 7B "
                      "model's are about 2.5 GB per layer).")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .flops import model_macs
-from .latency import LatencySettings, paired_latency
+from .latency import LatencySettings, available_cpus, paired_latency
 from .models import Adapter
 
 
@@ -166,9 +166,10 @@ def efficiency(dense_adapter: Adapter | None, pruned_adapter: Adapter, latency: 
         "params": count_params(pruned_adapter.model),
         "latency_seq_len": seq_len,
     }
+    threads = min(latency.threads, len(available_cpus()))  # more would wait for each other, not speed up
     if latency.repeats > 0:  # 0 repeats: no latency, only the counts
-        result["latency_threads"] = latency.threads
+        result["latency_threads"] = threads
     for b in latency.batch_sizes if latency.repeats > 0 else ():
-        timed = paired_latency(dense_adapter.model, pruned_adapter.model, b, seq_len, latency.repeats, latency.threads)
+        timed = paired_latency(dense_adapter.model, pruned_adapter.model, b, seq_len, latency.repeats, threads)
         result |= timed.metrics(b, result["ideal_speedup"])
     return result

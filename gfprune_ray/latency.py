@@ -133,7 +133,8 @@ def _spread(ratios: list[float]) -> float:
     return (q3 - q1) / statistics.median(ratios)
 
 
-def _cpus() -> set[int]:
+def available_cpus() -> set[int]:
+    """The CPUs this process may run on."""
     try:
         return os.sched_getaffinity(0)
     except AttributeError:  # not Linux
@@ -189,7 +190,8 @@ def pinned_threads(n: int) -> Iterator[None]:
 
 def paired_latency(dense, pruned, batch_size: int, seq_len: int, repeats: int = 5, threads: int = 1) -> Latency:
     """Time `repeats` (or more, while their speedups spread widely) forward passes of each model
-    on the same random tokens, taking turns after one warm-up pass each."""
+    on the same random tokens, taking turns after one warm-up pass each. `threads` should not
+    exceed `available_cpus()`: threads that wait for each other read as a busy machine."""
     import torch
 
     ids = torch.randint(3, dense.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
@@ -198,7 +200,7 @@ def paired_latency(dense, pruned, batch_size: int, seq_len: int, repeats: int = 
     with pinned_threads(threads), torch.inference_mode():
         for model in (dense, pruned):
             model(input_ids=ids, attention_mask=mask)
-        load = _Load(_cpus(), threads)
+        load = _Load(available_cpus(), threads)
         deadline = float("inf")
         while True:
             for model in (dense, pruned):

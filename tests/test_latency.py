@@ -105,3 +105,15 @@ def test_settings_stay_within_a_models_positions():
     assert LatencySettings(seq_len=128).within(64).seq_len == 64
     assert LatencySettings(seq_len=128).within(None).seq_len == 128
     assert LatencySettings(seq_len=32).within(512).seq_len == 32
+
+
+def test_no_more_threads_than_the_process_has_cpus():
+    """Threads beyond the CPUs wait for each other and would read as a busy machine."""
+    from gfprune_ray.evaluate import efficiency
+    from gfprune_ray.latency import available_cpus
+    from gfprune_ray.models import adapter_for
+
+    small = tiny_model("bert")
+    big = type(small)(small.config.__class__(**{**small.config.to_dict(), "num_hidden_layers": 4})).eval()
+    result = efficiency(adapter_for(big), adapter_for(small), LatencySettings(repeats=1, batch_sizes=(2,), seq_len=8, threads=len(available_cpus()) + 3))
+    assert result["latency_threads"] == len(available_cpus()) and result["latency_b2_s"] > 0
