@@ -93,6 +93,7 @@ def measured(ctx: dict, masks, weights, args, with_latency: bool) -> dict:
     _, surgery_s = timed(apply_pruning, pruned, masks, weights)
     row = ctx["reference"].measure(pruned.model)
     repeats = args.latency_repeats if with_latency else 0  # MACs and params always, latency where asked
+    # on the benchmark's own threads (its README tables were measured so), not prune's default of one
     row |= efficiency(adapter, pruned, LatencySettings(repeats, (1, 32), args.seq_len, torch.get_num_threads()))
     row["kept_prunable_macs"] = masks.kept_fraction(adapter.geometries(), ctx["calibration"].seq_len)
     return row | {"surgery_s": surgery_s}

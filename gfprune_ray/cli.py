@@ -74,15 +74,17 @@ def _fmt(value) -> str:
 
 
 def _print_report(title: str, metrics: dict, timings: dict | None = None, folder: Path | None = None) -> None:
-    from .latency import explain, timed_batches
+    from .latency import doubt, explain, timed_batches
     from .progress import table
 
     rows = [(k, _fmt(v)) for k, v in metrics.items()]
     rows += [(k, f"{v:.2f}") for k, v in (timings or {}).items()]
     table(title, rows)
     for batch in timed_batches(metrics):
-        if (why := explain(metrics, batch)) is not None:
-            typer.echo(f"note: {why}; do not trust it. Measure again on a quiet machine: gfprune-ray eval {folder or 'FOLDER'}", err=True)
+        if (why := explain(metrics, batch)) is None:
+            continue
+        remedy = "--latency-repeats 3 or more" if doubt(metrics, batch) == "few runs" else "on a quiet machine"
+        typer.echo(f"note: {why}; do not trust it. Measure again {remedy}: gfprune-ray eval {folder or 'FOLDER'}", err=True)
 
 
 @app.command()
@@ -164,15 +166,24 @@ def evaluate(
     _print_report(f"{path}", report["metrics"], folder=path)
 
 
-def _note_untrusted_speedups(records: list[dict], out: Path) -> None:
+def _note_untrusted_speedups(records: list[dict], out: Path, saved: bool) -> None:
+    from collections import Counter
+
     from .latency import doubt, timed_batches
 
     timed = [r for r in records if timed_batches(r)]
-    doubted = [r for r in timed if any(doubt(r, b) for b in timed_batches(r))]
-    if doubted:
-        typer.echo(f"note: {len(doubted)} of {len(timed)} units' speedups cannot be trusted (marked in the table: other work shared the "
-                   f"machine, or the passes varied); for numbers to quote, measure a saved model again on a quiet machine: "
-                   f"gfprune-ray eval {out}/<model>/<method>-<budget>", err=True)
+    first_doubt = (next((why for b in timed_batches(r) if (why := doubt(r, b))), None) for r in timed)
+    reasons = Counter(why for why in first_doubt if why)
+    if not reasons:
+        return
+    advice = []
+    if reasons["few runs"]:
+        advice.append("under 3 passes tell no spread: use --latency-repeats 3 or more")
+    if reasons["busy machine"] or reasons["noisy"]:
+        again = f"gfprune-ray eval {out}/<model>/<method>-<budget>" if saved else "gfprune-ray eval on a saved model (--save-models)"
+        advice.append(f"other work or jitter bent the timing: measure again on a quiet machine with {again}")
+    counts = ", ".join(f"{why}: {n}" for why, n in reasons.items())
+    typer.echo(f"note: {sum(reasons.values())} of {len(timed)} units' speedups cannot be trusted ({counts}); {'; '.join(advice)}", err=True)
 
 
 def _numbers(text: str | None, what: str, kind: type[int] | type[float] = float) -> list | None:
@@ -248,7 +259,7 @@ def sweep(
     from .farm.sweep import run_sweep
 
     result = _run(lambda: run_sweep(campaign))
-    _note_untrusted_speedups(result.records, campaign.out)
+    _note_untrusted_speedups(result.records, campaign.out, campaign.save_models)
     typer.echo(f"summary: {result.summary['md']}  plot: {result.summary['plot']}")
     typer.echo(f"MLflow runs of experiment {campaign.experiment!r}: {result.runs_url}")
     if result.failures:

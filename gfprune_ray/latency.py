@@ -122,8 +122,9 @@ def explain(metrics: dict, batch: int) -> str | None:
     if reason == "noisy":
         return f"the speedup at batch {batch} varied by {spread:.0%} between passes (interquartile range over median)"
     share, other = _recorded(metrics, f"latency_b{batch}_cpu_share"), _recorded(metrics, f"latency_b{batch}_other_cpus")
-    others = "" if other is None else f", other work kept {other:.1f} cores busy"
-    return f"the machine was busy while batch {batch} was timed (this process got {share:.0%} of its threads' time{others})"
+    got = [] if share is None else [f"this process got {share:.0%} of its threads' time"]
+    got += [] if other is None else [f"other work kept {other:.1f} cores busy"]
+    return f"the machine was busy while batch {batch} was timed ({', '.join(got) or 'as recorded'})"
 
 
 def _spread(ratios: list[float]) -> float:
@@ -148,11 +149,14 @@ def busy_cpu_seconds(cpus: set[int]) -> float | None:
             lines = [line.split() for line in stat if line.startswith("cpu") and line[3].isdigit()]
     except OSError:
         return None
-    ticks = 0
+    ticks, seen = 0, set()
     for name, *fields in lines:
         if int(name[3:]) in cpus:
             values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
             ticks += sum(values) - values[3] - values[4]
+            seen.add(int(name[3:]))
+    if seen != cpus:  # a view of /proc/stat that numbers CPUs otherwise (some containers): no reading
+        return None
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -58,8 +58,8 @@ class PruneOptions:
             raise UserError(f"--dtype does not apply to {self.method}: it trains in the checkpoint's dtype")
         if self.latency_repeats < 0:
             raise UserError(f"latency-repeats must be 0 (no latency) or more, got {self.latency_repeats}")
-        if not self.latency_batch_sizes or min(self.latency_batch_sizes) < 1:
-            raise UserError(f"latency-batch-sizes must be one or more sizes of at least 1, got {self.latency_batch_sizes}")
+        if not self.latency_batch_sizes or min(self.latency_batch_sizes) < 1 or len(set(self.latency_batch_sizes)) < len(self.latency_batch_sizes):
+            raise UserError(f"latency-batch-sizes must be one or more different sizes of at least 1, got {self.latency_batch_sizes}")
         return self
 
     def latency(self, max_positions: int | None) -> LatencySettings:

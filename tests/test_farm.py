@@ -93,6 +93,12 @@ def test_every_input_format_gives_the_examples_the_single_process_picks(local_ra
         assert [r["heldout"] for r in calib] == heldout_flags(12)
 
 
+def test_an_evaluate_task_reserves_its_latency_threads_but_no_more_than_a_node_has(local_ray):
+    from gfprune_ray.farm.stages import evaluation_cpus
+
+    assert [evaluation_cpus(n) for n in (1, 2, 3, 64)] == [1, 2, 2, 2]  # local_ray has 2 CPUs: 3 would never be scheduled
+
+
 def test_named_corpora_are_read_by_ray_data_as_by_the_single_process(local_ray, tmp_path, monkeypatch):
     """Every corpus of CORPORA (here `licenses`, pointed at a folder of this test's texts), and an
     evaluation-only selection: the evaluation rows of a calibration selection, no calibration rows."""

@@ -59,6 +59,12 @@ def _one_of(allowed, what: str):
 Budget = Annotated[float, Field(gt=0, le=1, description="fraction of prunable MACs kept")]
 Method = Annotated[str, _one_of(METHOD_NAMES, "method")]
 Positive = Annotated[int, Field(ge=1)]
+
+
+def _distinct(values: list) -> list:
+    if len(set(values)) < len(values):
+        raise ValueError(f"each value once, got {values}")
+    return values
 Dtype = Annotated[str, _one_of(DTYPES, "dtype")]
 # evaluation corpora: a list, or one comma-separated string as on the command line
 Sources = Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(lambda v: [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v)]
@@ -110,7 +116,7 @@ class Campaign(BaseModel):
     address: str | None = None
     tracking_uri: str | None = None
     latency_repeats: Annotated[int, Field(ge=0)] = LatencySettings.repeats  # 0: no latency measured
-    latency_batch_sizes: list[Positive] = Field(list(LatencySettings.batch_sizes), min_length=1)
+    latency_batch_sizes: Annotated[list[Positive], AfterValidator(_distinct)] = Field(list(LatencySettings.batch_sizes), min_length=1)
     latency_seq_len: Positive = LatencySettings.seq_len  # capped at each model's positions
     latency_threads: Positive = LatencySettings.threads
     shot_step: Annotated[float, Field(gt=0, le=1)] = SHOT_STEP  # llm-surgeon: the most of the prunable MACs one shot removes

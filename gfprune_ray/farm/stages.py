@@ -121,6 +121,13 @@ def gpus_available() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def evaluation_cpus(threads: int) -> int:
+    """CPUs an evaluate task reserves for latency on `threads` threads: no more than the largest
+    node has (a task asking more would never be scheduled)."""
+    largest = max(n.get("Resources", {}).get("CPU", 1) for n in ray.nodes() if n.get("Alive"))
+    return max(1, min(threads, int(largest)))
+
+
 def set_threads(n: float) -> None:
     # Ray sets OMP_NUM_THREADS to a task's CPU count; torch must be told as well
     torch.set_num_threads(max(1, int(n)))

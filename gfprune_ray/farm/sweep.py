@@ -200,7 +200,7 @@ class Sweep:
 
     def _submit_evaluation(self, unit: Unit, work: ModelWork, ref, masks, recs: list, timings=None) -> None:
         spec = self._eval_spec(unit, work)
-        result = stages.evaluate_unit.remote(spec, ref, masks, *recs, timings=timings)
+        result = stages.evaluate_unit.options(num_cpus=spec.latency.threads).remote(spec, ref, masks, *recs, timings=timings)
         self._track("evaluate", [result])
         self.in_flight[result] = (unit, work)
 
@@ -213,7 +213,8 @@ class Sweep:
                        str(self._train_storage()), counter=self.train_counter)
         trained = train_units.train_unit.remote(job, stages.gpus_available())
         self.progress.add("train", schedule.total_steps)  # the bar counts training steps, reported by the workers
-        result = train_units.evaluate_trained.remote(self._eval_spec(unit, work), ref, trained)
+        spec = self._eval_spec(unit, work)
+        result = train_units.evaluate_trained.options(num_cpus=spec.latency.threads).remote(spec, ref, trained)
         self._track("evaluate", [result])
         self.in_flight[result] = (unit, work)
 
@@ -222,7 +223,8 @@ class Sweep:
         again = unit.key in self.remeasure  # measured again for new corpora: its model is saved and its latency known
         folder = str(self._model_folder(unit)) if c.save_models and not again else None  # absolute (Campaign.out): workers run elsewhere
         latency = c.latency().within(work.info.max_positions)
-        latency = replace(latency, repeats=0) if again else latency
+        # the task reserves a CPU per latency thread, so its timing does not share them with other tasks
+        latency = replace(latency, repeats=0) if again else replace(latency, threads=stages.evaluation_cpus(latency.threads))
         return stages.EvalSpec(work.entry.source, work.info.sites, latency, folder, self._record(unit, work), c.dtype_of(work.entry))
 
     def _train_storage(self) -> Path:
