@@ -390,7 +390,8 @@ def test_rerun_with_a_new_evaluation_corpus_adds_it_to_the_finished_units(swept,
     campaign, _, _ = swept
     third = ws.root / "third.txt"
     third.write_text("\n".join(sentences(50, seed=13)) + "\n")
-    grown = campaign.model_copy(update={"models": campaign.models[:1], "methods": ["gfp"], "budgets": [0.8],
+    # latency threads beyond any node's CPUs: a unit measured again times nothing, so it must not ask for them
+    grown = campaign.model_copy(update={"models": campaign.models[:1], "methods": ["gfp"], "budgets": [0.8], "latency_threads": 64,
                                         "eval_data": [*campaign.eval_data, str(third)], "out": tmp_path / "out"})
     tracker = Tracker(campaign.tracking_uri, campaign.experiment)
     units = lambda: {r.info.run_id: r for r in tracker.client.search_runs([tracker.experiment_id], "tags.gfprune_kind = 'unit'")}

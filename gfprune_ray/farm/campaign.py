@@ -59,15 +59,15 @@ def _one_of(allowed, what: str):
 Budget = Annotated[float, Field(gt=0, le=1, description="fraction of prunable MACs kept")]
 Method = Annotated[str, _one_of(METHOD_NAMES, "method")]
 Positive = Annotated[int, Field(ge=1)]
+Dtype = Annotated[str, _one_of(DTYPES, "dtype")]
+# evaluation corpora: a list, or one comma-separated string as on the command line
+Sources = Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(lambda v: [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v)]
 
 
 def _distinct(values: list) -> list:
     if len(set(values)) < len(values):
         raise ValueError(f"each value once, got {values}")
     return values
-Dtype = Annotated[str, _one_of(DTYPES, "dtype")]
-# evaluation corpora: a list, or one comma-separated string as on the command line
-Sources = Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(lambda v: [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v)]
 
 
 class ModelEntry(BaseModel):

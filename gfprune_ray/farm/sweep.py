@@ -224,7 +224,7 @@ class Sweep:
         folder = str(self._model_folder(unit)) if c.save_models and not again else None  # absolute (Campaign.out): workers run elsewhere
         latency = c.latency().within(work.info.max_positions)
         # the task reserves a CPU per latency thread, so its timing does not share them with other tasks
-        latency = replace(latency, repeats=0) if again else replace(latency, threads=stages.evaluation_cpus(latency.threads))
+        latency = replace(latency, repeats=0, threads=1) if again else replace(latency, threads=stages.evaluation_cpus(latency.threads))
         return stages.EvalSpec(work.entry.source, work.info.sites, latency, folder, self._record(unit, work), c.dtype_of(work.entry))
 
     def _train_storage(self) -> Path:
