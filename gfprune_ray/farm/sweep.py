@@ -223,8 +223,10 @@ class Sweep:
         again = unit.key in self.remeasure  # measured again for new corpora: its model is saved and its latency known
         folder = str(self._model_folder(unit)) if c.save_models and not again else None  # absolute (Campaign.out): workers run elsewhere
         latency = c.latency().within(work.info.max_positions)
-        # the task reserves a CPU per latency thread, so its timing does not share them with other tasks
-        latency = replace(latency, repeats=0, threads=1) if again else replace(latency, threads=stages.evaluation_cpus(latency.threads))
+        latency = replace(latency, repeats=0) if again else latency
+        # a task that times reserves a CPU per latency thread (at most a node's), so its timing
+        # shares them with no other task; one that does not time needs one
+        latency = replace(latency, threads=stages.evaluation_cpus(latency.threads) if latency.repeats > 0 else 1)
         return stages.EvalSpec(work.entry.source, work.info.sites, latency, folder, self._record(unit, work), c.dtype_of(work.entry))
 
     def _train_storage(self) -> Path:
