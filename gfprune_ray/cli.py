@@ -11,6 +11,7 @@ import typer
 
 from .choices import CHECKPOINT_EVERY, SHOT_STEP, STEPS_CPU
 from .errors import UserError
+from .storage import Location, location, shown
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -48,6 +49,8 @@ LATENCY_THREADS_HELP = ("torch threads while timing, at most the CPUs the proces
 STATS_MEMORY_HELP = ("Most statistics (float64 Grams) one process holds in a collection pass, e.g. 6GB: a model whose statistics "
                      "exceed it is collected a group of layers per pass, each layer's written to disk as its pass ends (a 7B "
                      "model's are about 2.5 GB per layer).")
+OBJECT_STORAGE_HELP = ("a URI pyarrow.fs opens (s3://bucket/prefix, gs://..., with options in the query, e.g. "
+                       "?endpoint_override=host:9000&scheme=http; credentials from the environment).")
 MODEL_HELP = "Local model folder, hub id, a llama.cpp .gguf file, or a packaged model: pkg:all-minilm-l6-v2, pkg:all-mpnet-base-v2, pkg:smollm2-135m."
 
 
@@ -73,7 +76,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _print_report(title: str, metrics: dict, timings: dict | None = None, folder: Path | None = None) -> None:
+def _print_report(title: str, metrics: dict, timings: dict | None = None, folder: str | None = None) -> None:
     from .latency import doubt, explain, timed_batches
     from .progress import table
 
@@ -90,7 +93,7 @@ def _print_report(title: str, metrics: dict, timings: dict | None = None, folder
 @app.command()
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the pruned model (must not exist, or be empty)."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the pruned model (must not exist, or be empty); or object storage: " + OBJECT_STORAGE_HELP),
     data: str = typer.Option("pydoc", "--data", "-d", help=DATA_HELP),
     eval_data: str | None = typer.Option(None, "--eval-data", help=EVAL_DATA_HELP),
     budget: float = typer.Option(0.6, "--budget", "-b", help="Fraction of the prunable MACs to keep, in (0, 1]."),
@@ -128,13 +131,15 @@ def prune(
     from .single import prune_model
 
     report = _run(lambda: prune_model(model, data, opts, out, stats, force, _names(eval_data)))
-    _print_report(f"{model} @ budget {budget} ({method}, {reconstruct}; calibrated on {report['calibration_corpus']})", report["metrics"], report["timings"], out)
-    typer.echo(f"saved to {out} (load with gfprune_ray.load_pruned({str(out)!r}))")
+    where = location(out)
+    _print_report(f"{model} @ budget {budget} ({method}, {reconstruct}; calibrated on {report['calibration_corpus']})", report["metrics"], report["timings"], shown(where))
+    load = f"load with gfprune_ray.load_pruned({str(where)!r})" if isinstance(where, Path) else "load a downloaded copy with gfprune_ray.load_pruned(FOLDER)"
+    typer.echo(f"saved to {shown(where)} ({load})")
 
 
 @app.command("eval")
 def evaluate(
-    path: Path = typer.Argument(..., help="A folder written by `gfprune-ray prune`."),
+    path: str = typer.Argument(..., help="A folder written by `gfprune-ray prune` or a sweep, local or in object storage (s3://...)."),
     data: str | None = typer.Option(None, "--data", "-d", help=DATA_HELP + " Default: the data it was pruned with."),
     eval_data: str | None = typer.Option(None, "--eval-data", help=EVAL_DATA_HELP + " Default: those it was pruned with."),
     dense: str | None = typer.Option(None, help="Dense model to compare with (default: the one it was pruned from)."),
@@ -153,20 +158,20 @@ def evaluate(
     Without options it evaluates on the examples that `prune` held back from calibration."""
     from .data import check_sources
     from .options import saved_options
-    from .outputs import read_record  # these three are torch-free: bad input fails before the heavy imports
+    from .storage import read_record_at  # these three are torch-free: bad input fails before the heavy imports
 
     overrides = dict(data=data, eval_data=_names(eval_data), eval_samples=eval_samples, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                      latency_repeats=latency_repeats, latency_batch_sizes=_numbers(latency_batch_sizes, "latency-batch-sizes", int),
                      latency_seq_len=latency_seq_len, latency_threads=latency_threads)
-    _, calibration_data, eval_sources = _run(lambda: saved_options(read_record(path), overrides))
+    _, calibration_data, eval_sources = _run(lambda: saved_options(read_record_at(location(path)), overrides))
     _run(lambda: check_sources(calibration_data, eval_sources))  # evaluate_saved reads the record and sources again, for callers of the API
     from .single import evaluate_saved
 
     report = _run(lambda: evaluate_saved(path, overrides, dense))
-    _print_report(f"{path}", report["metrics"], folder=path)
+    _print_report(report["model"], report["metrics"], folder=report["model"])
 
 
-def _note_untrusted_speedups(records: list[dict], out: Path, saved: bool) -> None:
+def _note_untrusted_speedups(records: list[dict], out: Location, saved: bool) -> None:
     from collections import Counter
 
     from .latency import doubt, timed_batches
@@ -180,7 +185,7 @@ def _note_untrusted_speedups(records: list[dict], out: Path, saved: bool) -> Non
     if reasons["few runs"]:
         advice.append("under 3 passes tell no spread: use --latency-repeats 3 or more")
     if reasons["busy machine"] or reasons["noisy"]:
-        again = f"gfprune-ray eval {out}/<model>/<method>-<budget>" if saved else "gfprune-ray eval on a saved model (--save-models)"
+        again = f"gfprune-ray eval {shown(out)}/<model>/<method>-<budget>" if saved else "gfprune-ray eval on a saved model (--save-models)"
         advice.append(f"other work or jitter bent the timing: measure again on a quiet machine with {again}")
     counts = ", ".join(f"{why}: {n}" for why, n in reasons.items())
     typer.echo(f"note: {sum(reasons.values())} of {len(timed)} units' speedups cannot be trusted ({counts}); {'; '.join(advice)}", err=True)
@@ -217,7 +222,8 @@ def sweep(
     reconstruct: str | None = typer.Option(None, help="New weights for kept units: full, scale or none.", show_default="full"),
     allocation: str | None = typer.Option(None, help="global or uniform (same ratio per layer).", show_default="global"),
     workers: int | None = typer.Option(None, help="Collection actors per model (one GPU each where the cluster has GPUs).", show_default="1"),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Pruned models go to OUT/<model>/<method>-<budget>; the summary table and plot to OUT.", show_default="runs/sweep"),
+    out: str | None = typer.Option(None, "--out", "-o", help="Pruned models go to OUT/<model>/<method>-<budget>; the summary table and plot to OUT. "
+                                   "On a cluster, a folder every node sees or object storage: " + OBJECT_STORAGE_HELP, show_default="runs/sweep"),
     experiment: str | None = typer.Option(None, help="MLflow experiment name.", show_default="gfprune"),
     address: str | None = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)."),
     tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)."),
@@ -260,7 +266,7 @@ def sweep(
 
     result = _run(lambda: run_sweep(campaign))
     _note_untrusted_speedups(result.records, campaign.out, campaign.save_models)
-    typer.echo(f"summary: {result.summary['md']}  plot: {result.summary['plot']}")
+    typer.echo(f"summary: {shown(result.summary['md'])}  plot: {shown(result.summary['plot'])}")
     typer.echo(f"MLflow runs of experiment {campaign.experiment!r}: {result.runs_url}")
     if result.failures:
         typer.echo(f"{len(result.failures)} failed:", err=True)

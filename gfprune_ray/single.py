@@ -11,7 +11,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -37,6 +36,7 @@ from .pipeline import Calibration, calibrate, mark_heldout, plan, plan_llm_surge
 from .progress import bar
 from .stats import GRADS_PART, STATS_MEMORY_SHARE, model_sites, physical_memory, plan_groups, stats_fingerprint, weights_fingerprint
 from .stats_store import finish, load_stats, save_stats, write_site
+from .storage import Location, files_into, local_copy, location, remove, shown, staged_folder
 from .surgery import apply_pruning, load_pruned, save_pruned
 
 
@@ -175,7 +175,7 @@ def _plan(adapter, batches: list[dict], opts: PruneOptions, stats_path: Path | N
     return result, record
 
 
-def _train(source: str, batches: list[dict], labels: list[int] | None, opts: PruneOptions, out: Path, timings: dict):
+def _train(source: str, batches: list[dict], labels: list[int] | None, opts: PruneOptions, out: Location, timings: dict):
     """CoFi or FLOP under Ray Train (embedded local Ray unless RAY_ADDRESS names a cluster).
     Checkpoints go beside `out`, so a killed run resumes when the same command runs again; the
     caller removes them once the model is saved. Returns (cut model, summary metrics, calibration
@@ -191,16 +191,16 @@ def _train(source: str, batches: list[dict], labels: list[int] | None, opts: Pru
     options = {k: v for k, v in asdict(opts).items() if k not in ("checkpoint_every", "eval_samples") and not k.startswith("latency_")}
     settings = {"source": source, "options": options, "batches": batches_fingerprint(batches), "labels": labels}
     name = f"{opts.method}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
-    storage = Path(out).absolute().parent / f".{Path(out).name}.train"
+    storage = out.parent / f".{out.name}.train"  # beside it: a rerun finds the checkpoints, and OUT stays empty
     schedule = Schedule(steps=opts.steps, budget=opts.budget, seed=opts.seed, checkpoint_every=opts.checkpoint_every)
     job = TrainJob(portable_source(source), opts.method, schedule, with_labels(batches, labels), seq_len, name, str(storage), threads=os.cpu_count() or 1)
     started = not ray.is_initialized()
     stages.connect()
     try:
         start = time.perf_counter()
-        folder = _fit_with_progress(job, schedule.total_steps)
+        checkpoint = _fit_with_progress(job, schedule.total_steps)
         timings["train_s"] = time.perf_counter() - start
-        model, outcome = read_outcome(folder)
+        model, outcome = read_outcome(checkpoint)
     finally:
         if started:
             ray.shutdown()
@@ -211,7 +211,7 @@ def _train(source: str, batches: list[dict], labels: list[int] | None, opts: Pru
     return model, summary, record, outcome, storage
 
 
-def _fit_with_progress(job, steps: int) -> Path:
+def _fit_with_progress(job, steps: int):
     """`train_ray.fit` in a thread while this one draws a bar of the steps the worker reports."""
     import ray
 
@@ -231,15 +231,17 @@ def _fit_with_progress(job, steps: int) -> Path:
         return running.result()
 
 
-def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_path: Path | None = None, force: bool = False,
+def prune_model(source: str, data: str, opts: PruneOptions, out: str | Path, stats_path: Path | None = None, force: bool = False,
                 eval_data: list[str] | None = None) -> dict:
-    """Prune one model to one budget and save it to `out`; returns the report (also in gfprune.json).
-    Quality is measured on the held-back examples of `data` and on each source of `eval_data`."""
+    """Prune one model to one budget and save it to `out` (a folder, or object storage: storage.py);
+    returns the report (also in gfprune.json). Quality is measured on the held-back examples of
+    `data` and on each source of `eval_data`."""
     opts.validate()
+    out = location(out)
     if stats_path is not None and not Path(stats_path).exists():  # written after the collection: check before it
         check_writable_folder(Path(stats_path).absolute().parent, "--stats")
     timings = {}
-    with staged_output(out, force) as staging:
+    with staged_folder(out, force) as staging:
         examples = read_examples(data)  # bad data fails here, before a model is loaded
         sources, others = read_other_corpora(data, eval_data)
         model, tokenizer = load_model(source, dtype=opts.dtype)
@@ -286,7 +288,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: Path, stats_pat
             report["curve"] = curve
         save_pruned(model, staging, tokenizer, report)
     if storage is not None:
-        shutil.rmtree(storage, ignore_errors=True)  # the model is saved: the checkpoints are done with
+        remove(storage)  # the model is saved: the checkpoints are done with
     return report
 
 
@@ -294,17 +296,28 @@ def _examples(batches: list[dict]) -> int:
     return sum(len(b["input_ids"]) for b in batches)
 
 
-def evaluate_saved(path: Path, overrides: dict, dense_source: str | None = None) -> dict:
-    """Measure a saved pruned model against its dense source; writes eval.json beside it.
+def evaluate_saved(path: str | Path, overrides: dict, dense_source: str | None = None) -> dict:
+    """Measure a saved pruned model (a folder, or object storage) against its dense source; writes
+    eval.json beside it.
 
     Data, seed and sample counts default to those recorded at pruning time, so the evaluation
     examples are the held-back ones, disjoint from calibration; `overrides` replaces any of them."""
-    path = Path(path)
+    where = location(path)
+    with local_copy(where) as folder:
+        report = _evaluate_folder(folder, shown(where), overrides, dense_source)
+    with files_into(where) as folder:  # a local folder itself; object storage gets the one file
+        tmp = folder / "eval.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(folder / "eval.json")
+    return report
+
+
+def _evaluate_folder(path: Path, name: str, overrides: dict, dense_source: str | None) -> dict:
     record = read_record(path)
     opts, data, eval_data = saved_options(record, overrides)
     dense_source = dense_source or record.get("source")
     if not dense_source:
-        raise UserError(f"{path / RECORD_FILE} names no dense model: pass --dense")
+        raise UserError(f"{name}/{RECORD_FILE} names no dense model: pass --dense")
     examples = read_examples(data)
     sources, others = read_other_corpora(data, eval_data)
     dense_model, tokenizer = load_model(dense_source, dtype=opts.dtype)
@@ -312,12 +325,8 @@ def evaluate_saved(path: Path, overrides: dict, dense_source: str | None = None)
     try:
         pruned = load_pruned(path)
     except (OSError, ValueError, SafetensorError) as exc:
-        raise UserError(f"cannot load pruned model {path}: {first_line(exc)}") from None
+        raise UserError(f"cannot load pruned model {name}: {first_line(exc)}") from None
     _, eval_batches, labels = prepare_batches(tokenizer, examples, opts, data)
     reference = references(dense, sources, eval_batches, labels, others, tokenizer, opts)
     metrics = measure(dense, adapter_for(pruned), reference, opts)
-    report = {"model": str(path), "dense": dense_source, "data": data, **corpus_record(sources), "options": asdict(opts), "metrics": metrics}
-    tmp = path / "eval.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path / "eval.json")
-    return report
+    return {"model": name, "dense": dense_source, "data": data, **corpus_record(sources), "options": asdict(opts), "metrics": metrics}

@@ -122,26 +122,37 @@ def train_loop(config: dict) -> None:
     _report(training, rank, final=outcome, model=model)
 
 
-def fit(job: TrainJob, workers: int = 1, cpus_per_worker: float = 1, use_gpu: bool = False) -> Path:
-    """Run (or resume) the job's training under Ray Train; the final checkpoint's folder."""
+def fit(job: TrainJob, workers: int = 1, cpus_per_worker: float = 1, use_gpu: bool = False):
+    """Run (or resume) the job's training under Ray Train; the final checkpoint (a
+    `ray.train.Checkpoint`: local, or in the object storage `job.storage` names)."""
+    from pyarrow.fs import FileType
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from .storage import RemoteFolder, location
+
+    storage = location(job.storage)
+    if isinstance(storage, RemoteFolder):  # its options (endpoint, region) live in the URI's query, which Ray would drop
+        filesystem, path = storage.open()
+        where = {"storage_path": path, "storage_filesystem": filesystem}
+    else:
+        where = {"storage_path": str(storage)}
     resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=job.name, storage_path=str(Path(job.storage).absolute()), checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        run_config=RunConfig(name=job.name, checkpoint_config=CheckpointConfig(num_to_keep=1), **where),
     )
-    result = trainer.fit()
-    if result.checkpoint is None or not (Path(result.checkpoint.path) / OUTCOME_FILE).exists():
+    checkpoint = trainer.fit().checkpoint
+    if checkpoint is None or checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{OUTCOME_FILE}").type != FileType.File:
         raise RuntimeError(f"training {job.name} ended without a final checkpoint")
-    return Path(result.checkpoint.path)
+    return checkpoint
 
 
-def read_outcome(folder: Path) -> tuple:
-    """(the cut model, outcome dict) from a final checkpoint folder."""
+def read_outcome(checkpoint) -> tuple:
+    """(the cut model, outcome dict) from a final checkpoint (fetched first if it is remote)."""
     from .surgery import load_pruned
 
-    return load_pruned(folder / MODEL_DIR), json.loads((folder / OUTCOME_FILE).read_text())
+    with checkpoint.as_directory() as folder:
+        return load_pruned(Path(folder) / MODEL_DIR), json.loads((Path(folder) / OUTCOME_FILE).read_text())

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, model_validator
 
 # none of these imports torch, Ray or MLflow: a bad campaign fails at once (tests/test_sweep_cli.py)
 from ..choices import (
@@ -36,10 +36,11 @@ from ..choices import (
 from ..errors import UserError, first_line
 from ..latency import LatencySettings
 from ..packaged import cache_root
+from ..storage import Location, RemoteFolder, location
 
-# Tasks on other nodes (and workers started in another directory) resolve a relative path
-# against their own working directory: the campaign holds --out only as an absolute path.
-AbsolutePath = Annotated[Path, AfterValidator(lambda p: p.expanduser().absolute())]
+# a local folder as an absolute path (tasks on other nodes resolve a relative one against their
+# own working directory), or object storage given by its URI (storage.py)
+OutLocation = Annotated[Location, PlainValidator(location), PlainSerializer(str)]
 
 TASKS = ("auto", "embedding", "lm", "classification")
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6)
@@ -109,7 +110,7 @@ class Campaign(BaseModel):
     reconstruction: Annotated[str, _one_of(RECONSTRUCTIONS, "reconstruction")] = "full"
     allocation: Annotated[str, _one_of(ALLOCATIONS, "allocation")] = "global"
     workers: Positive = 1
-    out: Annotated[AbsolutePath, Field(validate_default=True)] = Path("runs/sweep")
+    out: Annotated[OutLocation, Field(validate_default=True)] = Path("runs/sweep")
     save_models: bool = True
     register_model: str | None = Field(None, min_length=1)  # --register: MLflow registered model that every saved pruned model becomes a version of
     cache_dir: Path | None = None
@@ -326,7 +327,7 @@ def load_campaign(config: Path | None = None, models: Path | None = None, **opti
         if "models" in fields:
             fields["models"] = _models_from_yaml(fields["models"], config.parent, where)
         for key in ("out", "cache_dir"):  # paths in the file are relative to the file
-            if isinstance(fields.get(key), str):
+            if isinstance(fields.get(key), str) and not isinstance(location(fields[key]), RemoteFolder):
                 fields[key] = config.parent / fields[key]
     if models is not None:
         fields["models"] = read_models_file(models)

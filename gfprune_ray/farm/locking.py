@@ -24,6 +24,7 @@ from typing import IO
 
 from ..errors import UserError
 from ..packaged import cache_root
+from ..storage import Location, shown
 
 WAIT_POLL_S = 0.1
 
@@ -81,10 +82,12 @@ def exclusive(path: Path, what: str, wait_s: float = 0.0) -> Iterator[None]:
 
 
 @contextmanager
-def campaign_locks(store: str, campaign_key: str, experiment: str, out: Path) -> Iterator[None]:
+def campaign_locks(store: str, campaign_key: str, experiment: str, out: Location) -> Iterator[None]:
     """The locks a sweep holds while it runs: its campaign in its tracking store, and its output
     folder (which two campaigns must not share at once either)."""
     with ExitStack() as stack:
         stack.enter_context(exclusive(lock_path("campaign", f"{store}\n{campaign_key}"), f"campaign {experiment!r} in {store}"))
-        stack.enter_context(exclusive(lock_path("out", str(Path(out).absolute())), f"output folder {out}"))
+        # a local folder is absolute here (Campaign.out); object storage is one URI. Only the
+        # processes of this machine see the lock: two machines writing one bucket are not stopped
+        stack.enter_context(exclusive(lock_path("out", str(out)), f"output folder {shown(out)}"))
         yield

@@ -9,11 +9,12 @@
     reconstruct_site (tasks) one per (model, method, budget, site): new output weights
     reference (task)         one per model: what the dense model scores on each evaluation corpus
     evaluate_unit (task)     one per (model, method, budget): cut, measure, write the pruned model
-                             to its folder under OUT (storage every node sees on a cluster)
+                             to its folder under OUT (storage every node sees on a cluster, or
+                             object storage: storage.py)
 
 Arguments are object refs wherever a stage consumes another's output, so statistics and weights
 move between workers through the object store, not through the driver; pruned models go from the
-task that builds them straight to disk, and only their folder's path reaches the driver. Every
+task that builds them straight to their storage, and only their folder's path reaches the driver. Every
 stage returns a `Timed` value so the driver can record how long each piece of work took where it
 ran.
 """
@@ -40,7 +41,7 @@ from ..memory import release_memory
 from ..methods import get_method
 from ..methods.surgeon import SurgeonState
 from ..models import BlockGeometry, UnitWeights, adapter_for
-from ..outputs import staged_output
+from ..storage import location, staged_folder
 from ..pipeline import site_generator, surgeon_model
 from ..reconstruct import reconstruct
 from ..search import SEARCHES, Site
@@ -426,7 +427,7 @@ class EvalSpec:
     source: str
     sites: list[Site]
     latency: LatencySettings  # within the model's positions
-    folder: str | None  # where the pruned model goes (None: not saved)
+    folder: str | None  # where the pruned model goes, a path or a URI (None: not saved)
     record: dict  # written as gfprune.json beside a saved model
     dtype: str | None = None  # the model's dtype as the campaign loads it (None: the checkpoint's)
 
@@ -454,12 +455,12 @@ def evaluate_unit(spec: EvalSpec, ref: CorpusReferences, masks: Timed, *recs: Ti
 def measure_and_save(spec: EvalSpec, ref: CorpusReferences, dense, pruned, tokenizer, masks_json: dict, extra: dict,
                      counts: dict | None = None) -> dict:
     """Quality and efficiency of a cut model next to the dense one; the model saved in its folder
-    (written aside and renamed: a folder left by a killed attempt at this unit is replaced).
+    (written aside and put in place at the end: a folder left by a killed attempt is replaced).
     Returning the folder's path, not its files, keeps a 7B model out of the object store."""
     efficient = efficiency(dense, pruned, spec.latency, counts)
     metrics = ref.measure(pruned.model) | efficient | extra
     if spec.folder is not None:
         record = spec.record | {"metrics": metrics, "sizes": pruned.sizes(), "masks": masks_json}
-        with staged_output(Path(spec.folder), force=True) as staging:
+        with staged_folder(location(spec.folder), force=True) as staging:
             save_pruned(pruned.model, staging, tokenizer, record)
     return {"metrics": metrics, "masks": masks_json, "sizes": pruned.sizes(), "folder": spec.folder, "host": socket.gethostname()}

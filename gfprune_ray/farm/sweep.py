@@ -10,7 +10,6 @@ of methods and budgets, and are cached on disk for later campaigns.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,10 +20,11 @@ from .. import __version__
 from ..choices import SURGEON, TRAINED_METHODS
 from ..data import CORPORA, check_sources, evaluation_sources, with_labels
 from ..errors import UserError, first_line
-from ..outputs import check_writable_folder, staged_output
+from ..outputs import check_writable_folder
 from ..progress import StageProgress, warn
 from ..stats import plan_groups, stats_fingerprint
 from ..stats_store import finish, is_complete, move_aside, stored_tokens
+from ..storage import Location, check_writable, files_into, is_written, local_copy, location, remove, shown, staged_folder
 from ..train_ray import TrainJob
 from ..training import Schedule
 from . import stages, surgeon_shots, train_units
@@ -77,7 +77,7 @@ def method_kind(method: str) -> str:
 class SweepResult:
     records: list[dict]
     failures: list[str]
-    summary: dict[str, Path]
+    summary: dict[str, Location]
     campaign_run: str
     runs_url: str
 
@@ -221,7 +221,7 @@ class Sweep:
     def _eval_spec(self, unit: Unit, work: ModelWork) -> stages.EvalSpec:
         c = self.c
         again = unit.key in self.remeasure  # measured again for new corpora: its model is saved and its latency known
-        folder = str(self._model_folder(unit)) if c.save_models and not again else None  # absolute (Campaign.out): workers run elsewhere
+        folder = str(self._model_folder(unit)) if c.save_models and not again else None  # absolute or a URI (Campaign.out): workers run elsewhere
         latency = c.latency().within(work.info.max_positions)
         latency = replace(latency, repeats=0) if again else latency
         # a task that times reserves a CPU per latency thread (at most a node's), so its timing
@@ -229,7 +229,7 @@ class Sweep:
         latency = replace(latency, threads=stages.evaluation_cpus(latency.threads) if latency.repeats > 0 else 1)
         return stages.EvalSpec(work.entry.source, work.info.sites, latency, folder, self._record(unit, work), c.dtype_of(work.entry))
 
-    def _train_storage(self) -> Path:
+    def _train_storage(self) -> Location:
         return self.c.out / ".train"
 
     def _track(self, stage: str, refs: list) -> None:
@@ -308,10 +308,10 @@ class Sweep:
         except ray.exceptions.RayError as exc:
             self._record_failure(unit, work, params, tags, _error_text(exc), str(exc))
             return
-        folder = Path(result["folder"]) if result["folder"] else None  # written there by the unit's task
-        if folder is not None and not folder.is_dir():
-            error = (f"its pruned model was saved to {folder} on {result['host']}, which this driver does not see: "
-                     "on a cluster, --out must be storage every node shares")
+        folder = location(result["folder"]) if result["folder"] else None  # written there by the unit's task
+        if folder is not None and not is_written(folder):
+            error = (f"its pruned model was saved to {shown(folder)} on {result['host']}, which this driver does not see: "
+                     "on a cluster, --out must be storage every node shares (or object storage)")
             self._record_failure(unit, work, params, tags, error, error)
             return
         params["quality_metric"] = result["metrics"].get("quality_metric", "")
@@ -320,15 +320,15 @@ class Sweep:
         self.tracker.log_datasets(run_id, self.datasets)
         self.tracker.log_json(run_id, result["masks"], "masks.json")
         self.tracker.log_json(run_id, {"params": params, "tags": tags, "metrics": metrics, "sizes": result["sizes"]}, "report.json")
-        if folder is not None:
-            self.tracker.log_folder(run_id, folder, "model")
         if "curve" in result:
             self.tracker.log_curve(run_id, result["curve"])
         if folder is not None:
-            self.tracker.log_pruned_model(run_id, folder, c.register_model)
+            with local_copy(folder) as files:  # MLflow logs from local files: a model in object storage is fetched once
+                self.tracker.log_folder(run_id, files, "model")
+                self.tracker.log_pruned_model(run_id, files, c.register_model)
         self.tracker.end(run_id)
         if unit.method in TRAINED_METHODS:  # recorded: its training checkpoints are done with
-            shutil.rmtree(self._train_storage() / unit.key, ignore_errors=True)
+            remove(self._train_storage() / unit.key)
 
     def _record_failure(self, unit: Unit, work: ModelWork, params: dict, tags: dict, error: str, details: str) -> None:
         run_id = self.tracker.unit_run(self.c.key, work.run_id, unit, params, {}, tags, work.started_ms)
@@ -347,7 +347,7 @@ class Sweep:
         new = {k: v for k, v in result["metrics"].items() if "/" in k and k.rpartition("/")[2] in labels}
         self.tracker.log(run_id, metrics=new, tags={CORPORA_TAG: json.dumps(recorded | {k: self.where[k] for k in labels})})
         if unit.method in TRAINED_METHODS:
-            shutil.rmtree(self._train_storage() / unit.key, ignore_errors=True)
+            remove(self._train_storage() / unit.key)
 
     def _statistics_metrics(self, work: ModelWork) -> dict:
         out = {"stats_reused": float(work.stats_reused), "calibration_tokens": work.tokens, "mean_seq_len": work.mean_seq_len} | self.example_counts
@@ -364,7 +364,7 @@ class Sweep:
             pass
         return out
 
-    def _model_folder(self, unit: Unit) -> Path:
+    def _model_folder(self, unit: Unit) -> Location:
         return self.c.out / unit.name / f"{unit.method}-{unit.budget:g}"
 
     # ---- the whole campaign ----------------------------------------------------------------
@@ -413,14 +413,14 @@ class Sweep:
             return
         for unit in self.c.units():
             folder = self._model_folder(unit)
-            if unit.key not in finished or folder.exists():
+            if unit.key not in finished or is_written(folder):
                 continue
             try:
-                with staged_output(folder, force=True) as staging:
+                with staged_folder(folder, force=True) as staging:
                     self.tracker.download_folder(finished[unit.key], "model", staging)
-                warn(f"{unit.label}: its pruned model was missing from {folder}; restored from MLflow run {finished[unit.key]}")
+                warn(f"{unit.label}: its pruned model was missing from {shown(folder)}; restored from MLflow run {finished[unit.key]}")
             except (OSError, UserError) as exc:
-                warn(f"{unit.label}: its pruned model is missing from {folder} and its run has no copy ({_error_text(exc)}); pruning it again")
+                warn(f"{unit.label}: its pruned model is missing from {shown(folder)} and its run has no copy ({_error_text(exc)}); pruning it again")
                 self.tracker.delete_run(finished.pop(unit.key))
 
     def _find_remeasures(self, finished: dict[str, str]) -> None:
@@ -463,9 +463,11 @@ class Sweep:
             if work.failed:
                 records += [{"model": u.name, "method": u.method, "budget": u.budget, "status": "FAILED", "error": work.failed}
                             for u in work.units if u.key not in self.remeasure]
-        paths = write_summary(records, self.c.out)
-        for path in paths.values():
-            self.tracker.log_file(campaign_run, path)
+        with files_into(self.c.out) as folder:
+            paths = write_summary(records, folder)
+            for path in paths.values():
+                self.tracker.log_file(campaign_run, path)
+        paths = {kind: self.c.out / path.name for kind, path in paths.items()}
         self.tracker.describe(campaign_run, campaign_description(self.c.experiment, self.c.key, records))
         self.tracker.log(campaign_run, metrics={"units_finished": sum(r.get("status") == "FINISHED" for r in records), "units_failed": len(self.failures)})
         self.tracker.end(campaign_run, ok=not self.failures)
@@ -477,7 +479,7 @@ def run_sweep(campaign: Campaign) -> SweepResult:
     check_sources(campaign.data, campaign.eval_data)
     # every external resource is checked before any work and before any MLflow write (the
     # tracking store by the Tracker, first thing once the campaign is held)
-    check_writable_folder(campaign.out, "--out")
+    check_writable(campaign.out, "--out")
     check_writable_folder(campaign.stats_dir(), "--cache-dir")
     stages.check_address(campaign.address)
     uri = store_uri(campaign.tracking_uri)

@@ -7,15 +7,14 @@
                              the dense model, saves it to its folder, returns the loss curve
 
 Training runs are named by the unit's key and keep their checkpoints under the campaign's output
-folder (OUT/.train/<unit key>; on a multi-node cluster OUT must be storage every node sees), so a
-sweep killed during training resumes each run where its last checkpoint left it. The driver
-removes a run's checkpoints once the unit is recorded.
+folder (OUT/.train/<unit key>; on a multi-node cluster OUT must be storage every node sees, or
+object storage), so a sweep killed during training resumes each run where its last checkpoint
+left it. The driver removes a run's checkpoints once the unit is recorded.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import ray
 
@@ -27,8 +26,8 @@ from .stages import EvalSpec, Timed, _load, measure_and_save, set_threads
 @ray.remote(num_cpus=0)
 def train_unit(job: TrainJob, use_gpu: bool) -> Timed:
     start = time.perf_counter()
-    folder = fit(job, workers=1, cpus_per_worker=job.threads, use_gpu=use_gpu)
-    return Timed(str(folder), time.perf_counter() - start)
+    checkpoint = fit(job, workers=1, cpus_per_worker=job.threads, use_gpu=use_gpu)
+    return Timed(checkpoint, time.perf_counter() - start)
 
 
 @ray.remote(num_cpus=1)
@@ -36,7 +35,7 @@ def evaluate_trained(spec: EvalSpec, ref, trained: Timed) -> dict:
     set_threads(1)
     start = time.perf_counter()
     dense, tokenizer = _load(spec.source)
-    model, outcome = read_outcome(Path(trained.value))
+    model, outcome = read_outcome(trained.value)
     extra = {"kept_prunable_macs": outcome["kept_prunable_macs"], "trimmed": outcome["trimmed"], "train_steps": len(outcome["curve"])}
     result = measure_and_save(spec, ref, dense, adapter_for(model), tokenizer, outcome["masks"], extra)
     timings = {"train_s": trained.seconds, "evaluate_s": time.perf_counter() - start}
