@@ -86,10 +86,15 @@ def correlated_update(dense: torch.Tensor, remove: torch.Tensor, moment_damped: 
     return new
 
 
-def g_weighted_error(dense: torch.Tensor, new: torch.Tensor, moment: torch.Tensor, g: torch.Tensor) -> float:
-    """tr(G D M D^T) / tr(G W M W^T), D = dense - new: the loss-weighted output error, relative."""
-    delta = dense - new
-    return float(((g @ delta @ moment) * delta).sum() / ((g @ dense @ moment) * dense).sum().clamp(min=1e-300))
+def g_weighted_energy(weight: torch.Tensor, moment: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """tr(G W M W^T): the loss-weighted energy of the outputs W x."""
+    return ((g @ weight @ moment) * weight).sum()
+
+
+def g_weighted_error(dense: torch.Tensor, new: torch.Tensor, moment: torch.Tensor, g: torch.Tensor, dense_energy: torch.Tensor) -> float:
+    """tr(G D M D^T) / tr(G W M W^T), D = dense - new: the loss-weighted output error, relative.
+    The dense energy is the caller's, computed once for every candidate (half of the work)."""
+    return float(g_weighted_energy(dense - new, moment, g) / dense_energy.clamp(min=1e-300))
 
 
 def surgeon_update(weights: UnitWeights, keep_units: torch.Tensor, curvature: SiteCurvature) -> Reconstruction:
@@ -103,19 +108,21 @@ def surgeon_update(weights: UnitWeights, keep_units: torch.Tensor, curvature: Si
     cols = with_bias_column(keep_cols, k, has_bias)
     g = curvature.grad.second_moment
     held = input_moment(curvature.heldout, has_bias)
+    energy = g_weighted_energy(dense, held, g)
+    fit_moment = input_moment(curvature.fit, has_bias)
 
-    def fit(stats, lam: float) -> torch.Tensor:
-        return correlated_update(dense, remove, damped(input_moment(stats, has_bias), lam, keep_cols, has_bias))
+    def fit(moment: torch.Tensor, lam: float) -> torch.Tensor:
+        return correlated_update(dense, remove, damped(moment, lam, keep_cols, has_bias))
 
     unchanged = dense.clone()
     unchanged[:, remove] = 0
-    none_error = g_weighted_error(dense, unchanged, held, g)
-    errors = {lam: g_weighted_error(dense, fit(curvature.fit, lam), held, g) for lam in LAMBDAS}
+    none_error = g_weighted_error(dense, unchanged, held, g, energy)
+    errors = {lam: g_weighted_error(dense, fit(fit_moment, lam), held, g, energy) for lam in LAMBDAS}
     best = min(errors, key=errors.get)
     if errors[best] >= none_error:  # no damping beats leaving the kept weights alone
         w, b = split_augmented(unchanged[:, cols], has_bias)
         return Reconstruction(w, b, None, none_error, none_error)
-    w, b = split_augmented(fit(curvature.inputs, best)[:, cols], has_bias)
+    w, b = split_augmented(fit(input_moment(curvature.inputs, has_bias), best)[:, cols], has_bias)
     return Reconstruction(w, b, best, errors[best], none_error)
 
 
