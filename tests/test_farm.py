@@ -21,6 +21,7 @@ from gfprune_ray.farm import surgeon_shots
 from gfprune_ray.farm.campaign import load_campaign
 from gfprune_ray.curvature import collect_curvature
 from gfprune_ray.data import Examples, batches_fingerprint, heldout_flags, mean_tokens_per_sequence, read_examples, split_examples
+from gfprune_ray.errors import UserError
 from gfprune_ray.loading import load_model
 from gfprune_ray.models import adapter_for
 from gfprune_ray.methods.surgeon import SurgeonState, shot_targets
@@ -91,6 +92,11 @@ def test_every_input_format_gives_the_examples_the_single_process_picks(local_ra
         assert [r["text"] for r in calib] == want_calib.texts, source
         assert [r["text"] for r in evaluation] == want_eval.texts, source
         assert [r["heldout"] for r in calib] == heldout_flags(12)
+    for name, line in (("untitled.jsonl", '{"body": "w1 w2"}\n'), ("untitled.parquet", None)):  # records without a text field
+        path = tmp_path / name
+        path.write_text(line * 30) if line else pq.write_table(pa.table({"body": texts}), path)
+        with pytest.raises(UserError, match=r"untitled\.(jsonl|parquet): cannot read \(.*records have no 'text' field \(found: body\)"):
+            select_examples(read_dataset(str(path)), 12, 8, 3, str(path.name))
 
 
 def test_an_evaluate_task_reserves_its_latency_threads_but_no_more_than_a_node_has(local_ray):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +33,24 @@ from ..data import (
 )
 from ..errors import UserError
 
+# "ValueError: ...", "pyarrow.lib.ArrowInvalid: ...": an error line of a traceback, not Ray's own
+_ERROR_LINE = re.compile(r"^(?!ray\.)[A-Za-z_][\w.]*: \S")
 CORPUS_ROWS_PER_BLOCK = 1000  # examples of a bundled corpus per Ray Data block
 MAX_BLOCKS = 16  # enough blocks to keep a node's CPUs busy; each more is a task of overhead
 
 
 def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def _text_and_label(batch: dict) -> dict:
+    """The columns the farm reads, checked inside the reading tasks. Asking a lazily read dataset
+    for its columns runs part of the read and cancels the rest, and Ray 2.60's driver can abort
+    when a cancelled task's reply races its cancellation ("Tried to complete task that was not
+    pending": it killed a test process after `read_text(...).columns()`)."""
+    if "text" not in batch:
+        raise ValueError(f"records have no 'text' field (found: {', '.join(batch) or 'nothing'})")
+    return {k: batch[k] for k in ("text", "label") if k in batch}
 
 
 def _read_files(files: list[Path]) -> ray.data.Dataset:
@@ -52,9 +65,7 @@ def _read_files(files: list[Path]) -> ray.data.Dataset:
         if paths:
             # absolute: the reading tasks run in other folders, on a cluster on other machines
             ds = readers[kind]([str(p.absolute()) for p in paths])
-            if "text" not in ds.columns():
-                raise UserError(f"{paths[0]}: records have no 'text' field (found: {', '.join(ds.columns())})")
-            parts.append(ds.select_columns([c for c in ("text", "label") if c in ds.columns()]))
+            parts.append(ds if kind == "text" else ds.map_batches(_text_and_label, batch_format="numpy"))  # read_text gives `text` only
     if not parts:
         raise UserError("no text, JSONL or Parquet files found")
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -105,6 +116,13 @@ def _smallest_keys(keyed: ray.data.Dataset, n: int) -> list[dict]:
     return sorted(rows, key=lambda r: (int(r["key"]), str(r["text"])))[:n]
 
 
+def _task_error(exc: Exception) -> str:
+    """What went wrong in a Ray Data task: the first error line of the traceback text Ray wraps it
+    in (Ray 2.60's message ends with advice on retries, not with the error)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    return next((line for line in lines if _ERROR_LINE.match(line)), lines[-1] if lines else type(exc).__name__)
+
+
 def select_examples(ds: ray.data.Dataset, samples: int, eval_samples: int, seed: int, source: str = "data",
                     eval_only: bool = False) -> tuple[list[dict], list[dict]]:
     """(calibration rows, evaluation rows), each row {text, heldout[, label]}, in key order.
@@ -115,7 +133,7 @@ def select_examples(ds: ray.data.Dataset, samples: int, eval_samples: int, seed:
     except UserError:
         raise
     except Exception as exc:  # a parse error inside a Ray Data task arrives wrapped: keep one line
-        raise UserError(f"{source}: cannot read ({str(exc).strip().splitlines()[-1][:200]})") from None
+        raise UserError(f"{source}: cannot read ({_task_error(exc)[:200]})") from None
     if total == 0:
         raise UserError(f"{source}: no text examples")
     n_calib, n_eval = checked_split_sizes(source, total, samples, eval_samples, eval_only)
