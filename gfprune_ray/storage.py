@@ -42,7 +42,7 @@ class RemoteFolder:
     def parse(cls, uri: str) -> RemoteFolder:
         base, _, query = uri.partition("?")
         folder = cls(base.rstrip("/"), query)
-        if not urlsplit(folder.base).path.strip("/"):  # checkpoints and staging go beside OUT: it needs a parent
+        if not urlsplit(folder.base).path.strip("/"):  # prune keeps cofi/flop checkpoints beside OUT: it needs a parent
             raise UserError(f"{folder.shown()}: give a folder inside the bucket, e.g. {folder.shown()}/runs")
         return folder
 
