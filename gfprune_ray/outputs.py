@@ -13,7 +13,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -134,8 +134,14 @@ def scratch_folder(base: Path, name: str) -> Iterator[Path]:
 
 def read_record(folder: Path) -> dict:
     """The record of a folder written by `prune`; a one-line error when it is not one."""
+    return record_from(lambda: (Path(folder) / RECORD_FILE).read_text(), str(folder))
+
+
+def record_from(read: Callable[[], str | bytes], folder: str) -> dict:
+    """The record `read` returns (from wherever the folder is), parsed; a one-line error naming
+    `folder` when there is none or it is not JSON."""
     try:
-        record = json.loads((Path(folder) / RECORD_FILE).read_text())
+        record = json.loads(read())
     except (OSError, json.JSONDecodeError):
         raise UserError(f"not a gfprune-ray output folder (no readable {RECORD_FILE}): {folder}") from None
     return record if isinstance(record, dict) else {}

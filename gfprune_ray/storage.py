@@ -14,7 +14,6 @@ the record first, so a reader never takes a half-replaced folder for a whole one
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import UserError, first_line
-from .outputs import RECORD_FILE, check_writable_folder, read_record, staged_output
+from .outputs import RECORD_FILE, check_writable_folder, read_record, record_from, staged_output
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
@@ -129,12 +128,12 @@ def read_record_at(folder: Location) -> dict:
     if isinstance(folder, Path):
         return read_record(folder)
     filesystem, path = folder.open()
-    try:
+
+    def read() -> bytes:
         with filesystem.open_input_stream(f"{path}/{RECORD_FILE}") as stream:
-            record = json.loads(stream.read())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"not a gfprune-ray output folder (no readable {RECORD_FILE}): {folder.shown()}") from None
-    return record if isinstance(record, dict) else {}
+            return stream.read()
+
+    return record_from(read, folder.shown())
 
 
 def check_writable(where: Location, what: str) -> None:

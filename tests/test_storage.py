@@ -18,7 +18,7 @@ from gfprune_ray.errors import UserError
 from gfprune_ray.options import PruneOptions
 from gfprune_ray.outputs import RECORD_FILE
 from gfprune_ray.single import prune_model
-from gfprune_ray.storage import RemoteFolder, check_writable, download, is_written, location, shown, staged_folder, upload
+from gfprune_ray.storage import RemoteFolder, check_writable, download, is_written, location, read_record_at, shown, staged_folder, upload
 from gfprune_ray.train_ray import OUTCOME_FILE, TrainJob, fit, read_outcome
 from gfprune_ray.training import Schedule
 
@@ -99,6 +99,9 @@ def test_a_remote_folder_is_whole_or_absent(bucket, tmp_path):
     (tmp_path / "part" / "model.safetensors").write_bytes(b"half")
     upload(tmp_path / "part", unfinished, replace=False)
     assert _objects(unfinished) and not is_written(unfinished)
+    with pytest.raises(UserError, match=r"not a gfprune-ray output folder \(no readable gfprune.json\): s3://bucket/unfinished$"):
+        read_record_at(unfinished)
+    assert read_record_at(out) == {}, "a record that is not a mapping reads as empty, as on local disk"
 
 
 def test_a_location_that_cannot_be_written_fails_in_one_line(bucket):
