@@ -18,7 +18,7 @@ from gfprune_ray.stats import (
     stats_fingerprint,
     weights_fingerprint,
 )
-from gfprune_ray.stats_store import load_stats, save_stats
+from gfprune_ray.stats_store import load_stats, read_safetensors, save_stats
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -147,6 +147,21 @@ def test_save_load_round_trip_is_exact(tmp_path):
     # loaded statistics still add up (the farm merges cached parts with new shards)
     merged = loaded["fit"] + loaded["heldout"]
     assert torch.equal(merged[(0, "ffn")].gram, parts["fit"][(0, "ffn")].gram + parts["heldout"][(0, "ffn")].gram)
+
+
+def test_plain_reader_reads_what_the_safetensors_library_writes(tmp_path):
+    # statistics are read without a memory map (issue 15's resident peak); the library is the
+    # independent writer here, with shapes and dtypes the store uses and a few it does not
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {"fit/gram": torch.randn(7, 7, generator=g, dtype=torch.float64), "fit/n": torch.tensor([5.0], dtype=torch.float64),
+               "grads/total": torch.randn(3, generator=g), "empty": torch.zeros(0, 4, dtype=torch.float64)}
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"fingerprint": "abc"})
+    meta, got = read_safetensors(tmp_path / "x.safetensors", lambda name: name != "grads/total")
+    assert meta == {"fingerprint": "abc"} and sorted(got) == ["empty", "fit/gram", "fit/n"]
+    for name, tensor in got.items():
+        assert tensor.dtype == tensors[name].dtype and torch.equal(tensor, tensors[name]), name
 
 
 def test_wrong_fingerprint_is_refused_naming_the_file(tmp_path):
