@@ -52,7 +52,7 @@ from gfprune_ray.methods.surgeon import step_for_shots
 from gfprune_ray.models import adapter_for
 from gfprune_ray.options import PruneOptions
 from gfprune_ray.pipeline import calibrate, plan, plan_llm_surgeon, score_sites
-from gfprune_ray.single import check_seq_len, prepare_batches, read_other_corpora, references
+from gfprune_ray.single import check_seq_len, prepare_batches, read_other_corpora, references, with_self_texts
 from gfprune_ray.surgery import apply_pruning, masked
 
 RESULTS = Path(__file__).parent / "results"
@@ -114,6 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, help=f"tokens per sequence at most (default {d['seq_len']})")
     p.add_argument("--batch-size", type=int, help=f"(default {d['batch_size']})")
     p.add_argument("--seed", type=int, help=f"(default {d['seed']})")
+    p.add_argument("--self-texts", type=int, help="texts a causal LM writes for its calibration (default: as prune, a quarter of the samples)")
     p.add_argument("--out", type=Path, help=f"JSON output; .md and .png beside it (default {d['out']})")
     p.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k.replace('_', '-')}={v}" for k, v in QUICK.items()))
     args = p.parse_args(argv)
@@ -199,6 +200,7 @@ def bench_calibration(adapter, tokenizer, calib: str, corpus: tuple, opts: Prune
     """Every row of one model calibrated on one corpus."""
     sources, others, examples = corpus
     calib_batches, eval_batches, labels = prepare_batches(tokenizer, examples, opts)
+    calib_batches, written = with_self_texts(adapter, tokenizer, calib_batches, opts)  # as `prune` adds them
     refs, reference_s = timed(references, adapter, sources, eval_batches, labels, others, tokenizer, opts)
     seq_len = mean_tokens_per_sequence(calib_batches)
     calibration, calibrate_s = timed(calibrate, adapter, calib_batches, seq_len, seed=opts.seed)
@@ -235,6 +237,7 @@ def bench_calibration(adapter, tokenizer, calib: str, corpus: tuple, opts: Prune
         "budgets": budgets,
         "calibration_examples": sum(len(b["input_ids"]) for b in calib_batches),
         "calibration_tokens": calibration.total.tokens,
+        "self_texts": written,
         "mean_seq_len": seq_len,
         "dense": {label: ref.dense_value for label, ref in refs.references.items()},
         "reference_s": reference_s,
@@ -251,7 +254,7 @@ def bench_model(source: str, corpora: dict, args) -> dict:
     check_seq_len(adapter, args.seq_len)
     decoder = adapter.causal and model.get_output_embeddings() is not None  # as QualityReference decides perplexity
     opts = PruneOptions(samples=args.decoder_samples if decoder else args.samples, eval_samples=args.eval_samples,
-                        seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed).validate()
+                        seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, self_texts=args.self_texts).validate()
     calibrations = {calib: bench_calibration(adapter, tokenizer, calib, corpora[calib], opts, args) for calib in split(args.calib)}
     first = next(iter(calibrations.values()))
     dense = {}

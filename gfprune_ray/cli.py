@@ -42,6 +42,8 @@ LATENCY_HELP = ("Timed forward passes of each model per latency measurement, tak
                 "spread over 10% on a machine that is not busy, for up to 3x the time again. The median is reported with "
                 "its spread and the CPU share the process got, and a speedup that cannot be trusted (a busy machine, a wide "
                 "spread, under 3 passes) is marked. 0 skips latency.")
+SELF_TEXTS_HELP = ("Causal LMs: texts the model writes itself (sampled, up to 64 tokens each) added to the calibration data, so that "
+                   "the statistics see what it does beyond --data's domain; 0: none. Other models ignore it (not cofi, flop).")
 LATENCY_BATCH_HELP = "Batch sizes latency is measured at, comma-separated."
 LATENCY_SEQ_HELP = "Tokens per sequence for latency and for MACs (at most the model's positions)."
 LATENCY_THREADS_HELP = ("torch threads while timing, at most the CPUs the process may use (latency_threads records the number "
@@ -105,6 +107,7 @@ def prune(
     seq_len: int = typer.Option(128, help="Tokens per example (longer ones are truncated)."),
     batch_size: int = typer.Option(32, help="Sequences per forward pass."),
     seed: int = typer.Option(0, help="Seed of the data split, of the targets the statistics sample from the model (no labels) and of the random method."),
+    self_texts: int | None = typer.Option(None, help=SELF_TEXTS_HELP, show_default="a quarter of --samples"),
     stats: Path | None = typer.Option(None, help="Statistics folder: reused when it exists (refused if it belongs to another model or data), written otherwise."),
     stats_memory: str | None = typer.Option(None, help=STATS_MEMORY_HELP, show_default="an eighth of this machine's RAM"),
     latency_repeats: int = typer.Option(5, help=LATENCY_HELP),
@@ -125,7 +128,8 @@ def prune(
 
     memory = None if stats_memory is None else _run(lambda: parse_memory(stats_memory))
     opts = PruneOptions(budget, method, reconstruct, allocation, samples, eval_samples, seq_len, batch_size, seed, latency_repeats, shot_step, steps,
-                        checkpoint_every, dtype, memory, _numbers(latency_batch_sizes, "latency-batch-sizes", int), latency_seq_len, latency_threads)
+                        checkpoint_every, dtype, memory, _numbers(latency_batch_sizes, "latency-batch-sizes", int), latency_seq_len, latency_threads,
+                        self_texts)
     _run(opts.validate)
     _run(lambda: check_sources(data, _names(eval_data)))  # prune_model reads them again, for callers of the API
     from .single import prune_model
@@ -219,6 +223,7 @@ def sweep(
     seq_len: int | None = typer.Option(None, help="Tokens per example.", show_default="128"),
     batch_size: int | None = typer.Option(None, help="Sequences per forward pass.", show_default="32"),
     seed: int | None = typer.Option(None, help="Seed of the data split, of the targets the statistics sample from the model (no labels) and of the random method.", show_default="0"),
+    self_texts: int | None = typer.Option(None, help=SELF_TEXTS_HELP, show_default="a quarter of --samples"),
     reconstruct: str | None = typer.Option(None, help="New weights for kept units: full, scale or none.", show_default="full"),
     allocation: str | None = typer.Option(None, help="global or uniform (same ratio per layer).", show_default="global"),
     workers: int | None = typer.Option(None, help="Collection actors per model (one GPU each where the cluster has GPUs).", show_default="1"),
@@ -253,7 +258,7 @@ def sweep(
 
     options = {
         "budgets": _numbers(budgets, "budgets"), "methods": _names(methods), "data": data, "eval_data": _names(eval_data), "samples": samples,
-        "eval_samples": eval_samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
+        "eval_samples": eval_samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed, "self_texts": self_texts,
         "reconstruction": reconstruct, "allocation": allocation, "workers": workers, "out": out, "experiment": experiment,
         "address": address, "tracking_uri": tracking_uri, "save_models": save_models, "register_model": register, "cache_dir": cache_dir,
         "latency_repeats": latency_repeats, "latency_batch_sizes": _numbers(latency_batch_sizes, "latency-batch-sizes", int),

@@ -35,6 +35,7 @@ class PruneOptions:
     latency_batch_sizes: list[int] = field(default_factory=lambda: list(LatencySettings.batch_sizes))
     latency_seq_len: int = LatencySettings.seq_len  # capped at the model's positions
     latency_threads: int = LatencySettings.threads
+    self_texts: int | None = None  # texts a causal LM writes itself for its calibration; None: a quarter of samples
 
     def validate(self) -> PruneOptions:
         try:
@@ -56,15 +57,26 @@ class PruneOptions:
             raise UserError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         if self.dtype is not None and self.method in TRAINED_METHODS:
             raise UserError(f"--dtype does not apply to {self.method}: it trains in the checkpoint's dtype")
+        if self.self_texts is not None and self.self_texts < 0:
+            raise UserError(f"self-texts must be 0 (none) or more, got {self.self_texts}")
         if self.latency_repeats < 0:
             raise UserError(f"latency-repeats must be 0 (no latency) or more, got {self.latency_repeats}")
         if not self.latency_batch_sizes or min(self.latency_batch_sizes) < 1 or len(set(self.latency_batch_sizes)) < len(self.latency_batch_sizes):
             raise UserError(f"latency-batch-sizes must be one or more different sizes of at least 1, got {self.latency_batch_sizes}")
         return self
 
+    def self_text_count(self) -> int:
+        return self_text_count(self.samples, self.self_texts)
+
     def latency(self, max_positions: int | None) -> LatencySettings:
         """How to time a model with `max_positions` positions (None: unbounded)."""
         return LatencySettings(self.latency_repeats, tuple(self.latency_batch_sizes), self.latency_seq_len, self.latency_threads).within(max_positions)
+
+
+def self_text_count(samples: int, self_texts: int | None) -> int:
+    """How many texts a causal LM writes for its own calibration: `self_texts`, by default a
+    quarter of the calibration examples (README, "Text the model writes itself")."""
+    return samples // 4 if self_texts is None else self_texts
 
 
 def saved_options(record: dict, overrides: dict) -> tuple[PruneOptions, str, list[str]]:

@@ -34,6 +34,7 @@ from .outputs import RECORD_FILE, check_writable_folder, read_record, scratch_fo
 from .packaged import cache_root
 from .pipeline import Calibration, calibrate, mark_heldout, plan, plan_llm_surgeon
 from .progress import bar
+from .self_text import SELF_TEXT_TOKENS, self_texts, writes_text
 from .stats import GRADS_PART, STATS_MEMORY_SHARE, model_sites, physical_memory, plan_groups, stats_fingerprint, weights_fingerprint
 from .stats_store import finish, load_stats, save_stats, write_site
 from .storage import Location, files_into, local_copy, location, remove, shown, staged_folder
@@ -49,6 +50,18 @@ def prepare_batches(tokenizer, examples: Examples, opts: PruneOptions, source: s
     calib_batches = tokenize(tokenizer, calib.texts, opts.seq_len, opts.batch_size)
     eval_batches = tokenize(tokenizer, evaluation.texts, opts.seq_len, opts.batch_size)
     return calib_batches, eval_batches, evaluation.labels
+
+
+def with_self_texts(adapter, tokenizer, batches: list[dict], opts: PruneOptions) -> tuple[list[dict], int]:
+    """The calibration batches followed by those of the texts a causal LM writes itself
+    (`self_text.py`; none for other models or with --self-texts 0), and how many it wrote."""
+    n = opts.self_text_count()
+    if n == 0 or not writes_text(adapter):
+        return batches, 0
+    with bar("self-texts", 1) as step:
+        texts = self_texts(adapter.model, tokenizer, n, min(SELF_TEXT_TOKENS, opts.seq_len), opts.seed, opts.batch_size)
+        step()
+    return batches + tokenize(tokenizer, texts, opts.seq_len, opts.batch_size), len(texts)
 
 
 def read_other_corpora(data: str, eval_data: list[str] | None) -> tuple[dict[str, str], dict[str, Examples]]:
@@ -248,6 +261,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: str | Path, sta
         adapter = supported_adapter(model, source)
         check_seq_len(adapter, opts.seq_len)
         calib_batches, eval_batches, labels = prepare_batches(tokenizer, examples, opts, data)
+        examples_used, written = _examples(calib_batches), 0
         if opts.method in TRAINED_METHODS:
             if stats_path is not None:
                 raise UserError(f"--stats does not apply to {opts.method}: it trains gates instead of collecting statistics")
@@ -257,6 +271,9 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: str | Path, sta
             adapter = adapter_for(model)
             masks_json, curve = outcome["masks"], outcome["curve"]
         else:
+            start = time.perf_counter()
+            calib_batches, written = with_self_texts(adapter, tokenizer, calib_batches, opts)
+            timings["self_texts_s"] = time.perf_counter() - start
             result, calibration_record = _plan(adapter, calib_batches, opts, stats_path, timings)
             # the dense model's outputs and counts first: then it is cut in place, and a second
             # copy is kept only where latency times the two side by side
@@ -279,7 +296,7 @@ def prune_model(source: str, data: str, opts: PruneOptions, out: str | Path, sta
             **corpus_record(sources),
             "options": asdict(opts),
             **calibration_record,
-            "metrics": metrics | summary | {"calibration_examples": _examples(calib_batches), "evaluation_examples": _examples(eval_batches)},
+            "metrics": metrics | summary | {"calibration_examples": examples_used, "self_texts": written, "evaluation_examples": _examples(eval_batches)},
             "timings": timings,
             "sizes": adapter.sizes(),
             "masks": masks_json,

@@ -346,6 +346,10 @@ def test_sweep_llm_surgeon_equals_the_single_process_prune(swept, ws, tmp_path):
     assert float(record["kept_prunable_macs"]) == pytest.approx(report["metrics"]["kept_prunable_macs"])
     assert report["metrics"]["kept_prunable_macs"] <= 0.7 + 1e-9
     assert float(record["shots"]) == 2
+    # the texts gpt2 wrote for its calibration: a quarter of --samples, the same in both (equal
+    # quality above needs the same texts); bert is no language model and writes none
+    assert float(record["self_texts"]) == report["metrics"]["self_texts"] == 10
+    assert {float(r["self_texts"]) for r in result.records if r["model"] == "bert" and r["status"] == "FINISHED"} == {0.0}
     saved = load_pruned(campaign.out / "gpt2" / "llm-surgeon-0.7")
     assert [list(s) for s in adapter_for(saved).sizes()] == report["sizes"]
     tracker = Tracker(campaign.tracking_uri, campaign.experiment)

@@ -207,11 +207,11 @@ def test_costs_rank_a_dead_unit_first_and_scale_with_g():
 def test_sampled_targets_follow_the_models_probabilities():
     """The draws of the curvature's sampled targets: each class as often as its probability says
     (within 4 standard errors over 40,000 rows), never one of probability 0, one per row."""
-    from gfprune_ray.curvature import _draw
+    from gfprune_ray.curvature import draw
 
     probs = torch.tensor([0.1, 0.0, 0.2, 0.6, 0.1])
     rows = 40_000
-    draws = _draw(probs.expand(rows, -1), torch.Generator().manual_seed(0))
+    draws = draw(probs.expand(rows, -1), torch.Generator().manual_seed(0))
     assert draws.shape == (rows, 1)
     frequency = torch.bincount(draws.flatten(), minlength=len(probs)).double() / rows
     standard_error = (probs.double() * (1 - probs.double()) / rows).sqrt()

@@ -121,6 +121,7 @@ def test_a_campaign_killed_mid_way_resumes_to_the_uninterrupted_result(ws):
         ("tiny-bert\n", ["--eval-data", "pydoc,missing-eval.txt"], "data not found: missing-eval.txt"),
         ("tiny-bert dtype=half\n", [], "models.txt:1: dtype: unknown dtype 'half'; choose one of: float32, bfloat16, float16"),
         ("tiny-bert\n", ["--dtype", "bfloat16", "--methods", "gfp,cofi"], "dtype does not apply to cofi"),
+        ("tiny-bert\n", ["--self-texts", "-1"], "self_texts: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(ws, tmp_path, models, extra, message):
@@ -144,7 +145,7 @@ def test_the_cli_and_the_campaign_schema_import_no_torch_ray_or_mlflow():
 
 @pytest.mark.parametrize("bad", [["--budget", "2"], ["--data", "/no/such/file.txt"], ["--method", "llm-surgeon", "--shot-step", "0"],
                                  ["--eval-data", "pydoc,/no/such/corpus.txt"], ["--samples", "0"], ["--latency-batch-sizes", "0"],
-                                 ["--latency-batch-sizes", "1,x"], ["--latency-threads", "0"]])
+                                 ["--latency-batch-sizes", "1,x"], ["--latency-threads", "0"], ["--self-texts", "-1"]])
 def test_prune_refuses_bad_input_before_importing_torch(bad, tmp_path):
     """`prune`'s options and data are checked before the heavy stack is imported (options.py)."""
     code = ("import sys; from typer.testing import CliRunner; from gfprune_ray.cli import app; "

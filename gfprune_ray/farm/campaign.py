@@ -107,6 +107,7 @@ class Campaign(BaseModel):
     seq_len: Positive = 128
     batch_size: Positive = 32
     seed: Annotated[int, Field(ge=0)] = 0
+    self_texts: Annotated[int | None, Field(ge=0)] = None  # causal LMs: texts each writes for its calibration; None: samples // 4
     reconstruction: Annotated[str, _one_of(RECONSTRUCTIONS, "reconstruction")] = "full"
     allocation: Annotated[str, _one_of(ALLOCATIONS, "allocation")] = "global"
     workers: Positive = 1
@@ -149,10 +150,12 @@ class Campaign(BaseModel):
         return "trained" if method in TRAINED_METHODS else self.reconstruction
 
     def method_options(self, method: str) -> dict:
-        """Options that change only this method's results."""
-        if method == SURGEON:
-            return {"shot_step": self.shot_step}
-        return {"steps": self.steps} if method in TRAINED_METHODS else {}
+        """Options that change only this method's results (self_texts only when given: the keys of
+        campaigns from before it existed stay the same)."""
+        if method in TRAINED_METHODS:
+            return {"steps": self.steps}
+        own = {} if self.self_texts is None else {"self_texts": self.self_texts}
+        return own | ({"shot_step": self.shot_step} if method == SURGEON else {})
 
     def names(self) -> list[str]:
         """One distinct name per model entry (a repeated name gets -2, -3, ...)."""

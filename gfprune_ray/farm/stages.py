@@ -45,6 +45,7 @@ from ..storage import location, staged_folder
 from ..pipeline import site_generator, surgeon_model
 from ..reconstruct import reconstruct
 from ..search import SEARCHES, Site
+from ..self_text import self_texts, writes_text
 from ..stats import GRADS_PART, STATS_MEMORY_SHARE, model_sites, weights_fingerprint
 from ..stats_store import DamagedStats, read_site, write_site
 from ..surgery import apply_pruning, save_pruned
@@ -160,6 +161,7 @@ class ModelInfo:
     sites: list[Site]
     max_positions: int | None
     architecture: str
+    writes_text: bool  # a causal LM, which writes text for its own calibration (self_text.py)
 
 
 @ray.remote(num_cpus=1)
@@ -167,7 +169,20 @@ def describe(source: str, dtype: str | None = None) -> ModelInfo:
     adapter, _ = _load(source, dtype)
     geoms = adapter.geometries()
     sites = model_sites(geoms)
-    return ModelInfo(weights_fingerprint(adapter.model), geoms, sites, adapter.max_positions(), type(adapter.model).__name__)
+    return ModelInfo(weights_fingerprint(adapter.model), geoms, sites, adapter.max_positions(), type(adapter.model).__name__, writes_text(adapter))
+
+
+@ray.remote
+def write_self_texts(source: str, n: int, max_tokens: int, seed: int, batch_size: int, dtype: str | None = None) -> list[str]:
+    """The texts a causal LM writes for its own calibration, as `prune` has it write them."""
+    adapter, tokenizer = _load(source, dtype)
+    adapter.model.to(_device())
+    return self_texts(adapter.model, tokenizer, n, max_tokens, seed, batch_size)
+
+
+def self_text_resources() -> dict:
+    """A GPU where the cluster has them (sampling is a forward pass per token), else one CPU."""
+    return {"num_gpus": 1, "num_cpus": 1} if gpus_available() else {"num_cpus": 1}
 
 
 @ray.remote(num_cpus=1)

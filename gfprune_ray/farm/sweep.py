@@ -18,10 +18,12 @@ import ray
 
 from .. import __version__
 from ..choices import SURGEON, TRAINED_METHODS
-from ..data import CORPORA, check_sources, evaluation_sources, with_labels
+from ..data import CORPORA, check_sources, evaluation_sources, heldout_flags, mean_tokens_per_sequence, with_labels
 from ..errors import UserError, first_line
 from ..outputs import check_writable_folder
 from ..progress import StageProgress, warn
+from ..options import self_text_count
+from ..self_text import SELF_TEXT_TOKENS
 from ..stats import plan_groups, stats_fingerprint
 from ..stats_store import finish, is_complete, move_aside, stored_tokens
 from ..storage import Location, check_writable, files_into, is_written, local_copy, location, remove, shown, staged_folder
@@ -51,6 +53,7 @@ class ModelWork:
     stats_reused: bool = False
     mean_seq_len: float = 0.0
     tokens: int = 0
+    self_texts: int = 0  # texts the model wrote for its calibration
     collect_start: float = 0.0
     collect_s: float | None = None
     sites: dict = field(default_factory=dict)  # site -> ref of (fit, heldout, grads) statistics
@@ -58,6 +61,7 @@ class ModelWork:
     scores: dict = field(default_factory=dict)  # method -> [refs per site]
     actors: list = field(default_factory=list)  # collectors kept for LLM Surgeon's shots
     train_batches: list = field(default_factory=list)  # calibration batches for cofi and flop
+    train_seq_len: float = 0.0
     failed: str | None = None
     failed_details: str | None = None  # the whole error, for the model run's description
     started_ms: int = 0  # when the model's first stage started: its unit runs start there
@@ -128,6 +132,12 @@ class Sweep:
             raise UserError(f"seq-len {seq_len} exceeds the {work.info.max_positions} positions this model supports")
         calib = tokenize_rows(calib_rows, source, seq_len, self.c.batch_size)
         evaluation = {label: tokenize_rows(rows, source, seq_len, self.c.batch_size) for label, rows in eval_rows.items()}
+        if work.units_of("trained"):
+            batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in iter_torch_batches(calib, self.c.batch_size)]
+            labels = [int(r["label"]) for r in calib.select_columns(["label"]).iter_rows()] if "label" in calib.columns() else None
+            work.train_batches = with_labels(batches, labels)
+            work.train_seq_len = mean_tokens_per_sequence(batches)  # of the user's text alone, as `prune` trains
+        calib = self._with_self_texts(work, calib, calib_rows)  # what statistics and llm-surgeon's shots see
         data_fp, work.mean_seq_len = fingerprint_and_length(calib, self.c.batch_size)
         work.stats_fp = stats_fingerprint(work.info.fingerprint, data_fp, seq_len, self.c.samples, self.c.seed)
         work.stats_path = self.c.stats_dir() / work.stats_fp  # a folder, one file per site (stats_store)
@@ -136,13 +146,23 @@ class Sweep:
         if work.units_of("surgeon"):  # its actors serve every shot, so they outlive one collection
             shards = shard(calib, self.c.workers)  # Ray Data tasks: before any actor takes a CPU
             work.actors = stages.start_collectors(source, len(shards), long_lived=True, dtype=dtype)
-        if work.units_of("trained"):
-            batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in iter_torch_batches(calib, self.c.batch_size)]
-            labels = [int(r["label"]) for r in calib.select_columns(["label"]).iter_rows()] if "label" in calib.columns() else None
-            work.train_batches = with_labels(batches, labels)
         if work.units_of("scored"):
             self._statistics(work, calib)
         self.submit_units(work, evaluation, shards)
+
+    def _with_self_texts(self, work: ModelWork, calib, calib_rows: list[dict]):
+        """The calibration dataset followed by the texts a causal LM writes itself, as `prune`
+        adds them (held-out flags by position over both, as `pipeline.mark_heldout` sets them)."""
+        n = self_text_count(self.c.samples, self.c.self_texts)
+        if not (work.info.writes_text and n and (work.units_of("scored") or work.units_of("surgeon"))):
+            work.self_texts = 0
+            return calib
+        source, seq_len = work.entry.source, self.c.seq_len_of(work.entry)
+        task = stages.write_self_texts.options(**stages.self_text_resources())
+        texts = ray.get(task.remote(source, n, min(SELF_TEXT_TOKENS, seq_len), self.c.seed, self.c.batch_size, self.c.dtype_of(work.entry)))
+        rows = [{"text": r["text"]} for r in calib_rows] + [{"text": t} for t in texts]
+        work.self_texts = len(texts)
+        return tokenize_rows([r | {"heldout": h} for r, h in zip(rows, heldout_flags(len(rows)))], source, seq_len, self.c.batch_size)
 
     def _statistics(self, work: ModelWork, calib) -> None:
         """Input statistics for the scoring methods: from the cache, or collected on the actors.
@@ -209,7 +229,7 @@ class Sweep:
         schedule = Schedule(steps=c.steps, budget=unit.budget, seed=c.seed, checkpoint_every=c.checkpoint_every)
         if self.train_counter is None:
             self.train_counter = stages.Counter.remote()
-        job = TrainJob(unit.entry.source, unit.method, schedule, work.train_batches, work.mean_seq_len, unit.key,
+        job = TrainJob(unit.entry.source, unit.method, schedule, work.train_batches, work.train_seq_len, unit.key,
                        str(self._train_storage()), counter=self.train_counter)
         trained = train_units.train_unit.remote(job, stages.gpus_available())
         self.progress.add("train", schedule.total_steps)  # the bar counts training steps, reported by the workers
@@ -350,14 +370,18 @@ class Sweep:
             remove(self._train_storage() / unit.key)
 
     def _statistics_metrics(self, work: ModelWork) -> dict:
-        out = {"stats_reused": float(work.stats_reused), "calibration_tokens": work.tokens, "mean_seq_len": work.mean_seq_len} | self.example_counts
+        out = {"stats_reused": float(work.stats_reused), "calibration_tokens": work.tokens, "mean_seq_len": work.mean_seq_len,
+               "self_texts": work.self_texts} | self.example_counts
         return out | ({"collect_s": work.collect_s} if work.collect_s is not None else {})
 
     def _model_metrics(self, work: ModelWork, method: str) -> dict:
         """Statistics metrics plus the summed seconds of this method's scoring tasks."""
         out = self._statistics_metrics(work)
+        if method in TRAINED_METHODS:  # trained on the user's text alone
+            tokens = sum(int(b["attention_mask"].sum()) for b in work.train_batches)
+            return {"calibration_tokens": tokens, "mean_seq_len": work.train_seq_len, "self_texts": 0} | self.example_counts
         if method_kind(method) != "scored":  # no shared statistics: its own timings come with the unit
-            return {k: out[k] for k in ("calibration_tokens", "mean_seq_len", *self.example_counts)}
+            return {k: out[k] for k in ("calibration_tokens", "mean_seq_len", "self_texts", *self.example_counts)}
         try:
             out["score_s"] = sum(t.seconds for t in ray.get(work.scores[method]))
         except ray.exceptions.RayError:
