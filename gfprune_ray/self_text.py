@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import zlib
+from collections.abc import Callable
 
 import torch
 
@@ -32,10 +33,11 @@ def writes_text(adapter) -> bool:
     return adapter.causal and adapter.model.get_output_embeddings() is not None
 
 
-def self_texts(model, tokenizer, n: int, max_tokens: int, seed: int, batch_size: int = 32) -> list[str]:
+def self_texts(model, tokenizer, n: int, max_tokens: int, seed: int, batch_size: int = 32,
+               on_batch: Callable[[], None] | None = None) -> list[str]:
     """Up to `n` texts of at most `max_tokens` tokens sampled from the model (temperature 1),
     each started from the beginning-of-text token and cut at its first end-of-text token; empty
-    ones are dropped."""
+    ones are dropped. `on_batch` is called after each batch of `batch_size` texts."""
     start, eos = _token(model, tokenizer, "bos"), _token(model, tokenizer, "eos")
     if start is None:
         start = eos
@@ -46,6 +48,8 @@ def self_texts(model, tokenizer, n: int, max_tokens: int, seed: int, batch_size:
         rng = torch.Generator().manual_seed(zlib.crc32(f"self-text/{seed}/{first}".encode()))
         rows = _sample(model, start, min(batch_size, n - first), max_tokens, rng, eos)
         texts += [tokenizer.decode(_until(row, eos), skip_special_tokens=True).strip() for row in rows]
+        if on_batch is not None:
+            on_batch()
     return [text for text in texts if text]
 
 

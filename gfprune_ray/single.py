@@ -58,9 +58,8 @@ def with_self_texts(adapter, tokenizer, batches: list[dict], opts: PruneOptions)
     n = opts.self_text_count()
     if n == 0 or not writes_text(adapter):
         return batches, 0
-    with bar("self-texts", 1) as step:
-        texts = self_texts(adapter.model, tokenizer, n, min(SELF_TEXT_TOKENS, opts.seq_len), opts.seed, opts.batch_size)
-        step()
+    with bar("self-texts", -(-n // opts.batch_size)) as step:
+        texts = self_texts(adapter.model, tokenizer, n, min(SELF_TEXT_TOKENS, opts.seq_len), opts.seed, opts.batch_size, on_batch=step)
     return batches + tokenize(tokenizer, texts, opts.seq_len, opts.batch_size), len(texts)
 
 
