@@ -235,7 +235,7 @@ def bench_calibration(adapter, tokenizer, calib: str, corpus: tuple, opts: Prune
         "corpora": sources,
         "quality_metric": "perplexity" if causal else "fidelity",
         "budgets": budgets,
-        "calibration_examples": sum(len(b["input_ids"]) for b in calib_batches),
+        "calibration_examples": sum(len(b["input_ids"]) for b in calib_batches) - written,  # the corpus's, as prune counts them
         "calibration_tokens": calibration.total.tokens,
         "self_texts": written,
         "mean_seq_len": seq_len,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+
 from .errors import UserError, first_line
 from .models import Adapter
 from .stats import FORMAT_VERSION, GRADS_PART, GramStats, ModelStats, Site, model_sites
