@@ -43,7 +43,7 @@ LATENCY_HELP = ("Timed forward passes of each model per latency measurement, tak
                 "its spread and the CPU share the process got, and a speedup that cannot be trusted (a busy machine, a wide "
                 "spread, under 3 passes) is marked. 0 skips latency.")
 SELF_TEXTS_HELP = ("Causal LMs: texts the model writes itself (sampled, up to 64 tokens each) added to the calibration data, so that "
-                   "the statistics see what it does beyond --data's domain; 0: none. Other models ignore it (not cofi, flop).")
+                   "the statistics see what it does beyond --data's domain; 0: none. Encoders, cofi and flop ignore it.")
 LATENCY_BATCH_HELP = "Batch sizes latency is measured at, comma-separated."
 LATENCY_SEQ_HELP = "Tokens per sequence for latency and for MACs (at most the model's positions)."
 LATENCY_THREADS_HELP = ("torch threads while timing, at most the CPUs the process may use (latency_threads records the number "
