@@ -252,7 +252,7 @@ def bench_model(source: str, corpora: dict, args) -> dict:
     (model, tokenizer), load_s = timed(load_model, source)
     adapter = adapter_for(model)
     check_seq_len(adapter, args.seq_len)
-    decoder = adapter.causal and model.get_output_embeddings() is not None  # as QualityReference decides perplexity
+    decoder = adapter.is_lm  # as QualityReference decides perplexity
     opts = PruneOptions(samples=args.decoder_samples if decoder else args.samples, eval_samples=args.eval_samples,
                         seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, self_texts=args.self_texts).validate()
     calibrations = {calib: bench_calibration(adapter, tokenizer, calib, corpora[calib], opts, args) for calib in split(args.calib)}

@@ -81,7 +81,7 @@ class QualityReference:
         """`task`: auto (perplexity for causal LMs, else fidelity; accuracy too when there are
         labels and a classifier), embedding (fidelity only), lm or classification (required)."""
         # perplexity needs an LM head; a bare decoder (GPT2Model) is judged by fidelity like an encoder
-        is_lm = adapter.causal and dense.get_output_embeddings() is not None
+        is_lm = adapter.is_lm
         if task == "lm" and not is_lm:
             raise ValueError(f"task=lm needs a causal language model with an LM head, not {type(dense).__name__}")
         if task == "classification" and (labels is None or not has_classifier(dense)):

@@ -27,12 +27,6 @@ from .errors import UserError
 SELF_TEXT_TOKENS = 64  # the most tokens of one text: about a paragraph, like the calibration examples
 
 
-def writes_text(adapter) -> bool:
-    """Whether the model is a causal LM with a head that predicts the next token (as
-    `evaluate.QualityReference` decides that perplexity applies)."""
-    return adapter.causal and adapter.model.get_output_embeddings() is not None
-
-
 def self_texts(model, tokenizer, n: int, max_tokens: int, seed: int, batch_size: int = 32,
                on_batch: Callable[[], None] | None = None) -> list[str]:
     """Up to `n` texts of at most `max_tokens` tokens sampled from the model (temperature 1),
@@ -64,15 +58,17 @@ def _sample(model, start: int, rows: int, max_tokens: int, rng: torch.Generator,
     ids = torch.full((rows, 1), start, dtype=torch.long, device=device)
     # transformers 5.25 renamed the key-value cache `cache` (`past_key_values` until then)
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    step, past, written = ids, None, []
+    step, past, written, ended = ids, None, [], torch.zeros(rows, dtype=torch.bool)
     with torch.inference_mode():
         for _ in range(max_tokens):
             out = model(input_ids=step, use_cache=True, **{key: past})
             past = getattr(out, key)
             step = draw(out.logits[:, -1].float().softmax(-1), rng)
             written.append(step.cpu())
-            if eos is not None and (torch.cat(written, 1) == eos).any(1).all():
-                break
+            if eos is not None:
+                ended |= written[-1].flatten() == eos
+                if ended.all():
+                    break
     return torch.cat(written, 1).tolist() if written else [[] for _ in range(rows)]
 
 

@@ -34,7 +34,7 @@ from .outputs import RECORD_FILE, check_writable_folder, read_record, scratch_fo
 from .packaged import cache_root
 from .pipeline import Calibration, calibrate, mark_heldout, plan, plan_llm_surgeon
 from .progress import bar
-from .self_text import SELF_TEXT_TOKENS, self_texts, writes_text
+from .self_text import SELF_TEXT_TOKENS, self_texts
 from .stats import GRADS_PART, STATS_MEMORY_SHARE, model_sites, physical_memory, plan_groups, stats_fingerprint, weights_fingerprint
 from .stats_store import finish, load_stats, save_stats, write_site
 from .storage import Location, files_into, local_copy, location, remove, shown, staged_folder
@@ -56,7 +56,7 @@ def with_self_texts(adapter, tokenizer, batches: list[dict], opts: PruneOptions)
     """The calibration batches followed by those of the texts a causal LM writes itself
     (`self_text.py`; none for other models or with --self-texts 0), and how many it wrote."""
     n = opts.self_text_count()
-    if n == 0 or not writes_text(adapter):
+    if n == 0 or not adapter.is_lm:
         return batches, 0
     with bar("self-texts", -(-n // opts.batch_size)) as step:
         texts = self_texts(adapter.model, tokenizer, n, min(SELF_TEXT_TOKENS, opts.seq_len), opts.seed, opts.batch_size, on_batch=step)

@@ -11,7 +11,7 @@ from conftest import make_tokenizer, tiny_model
 from gfprune_ray.curvature import draw
 from gfprune_ray.errors import UserError
 from gfprune_ray.models import adapter_for
-from gfprune_ray.self_text import _sample, self_texts, writes_text
+from gfprune_ray.self_text import _sample, self_texts
 
 
 def _sample_without_cache(model, start: int, rows: int, steps: int, rng: torch.Generator) -> list[list[int]]:
@@ -52,8 +52,8 @@ def test_texts_stop_at_end_of_text_and_depend_on_the_seed_only(tmp_path):
 
 
 def test_only_language_models_write_text(tmp_path):
-    assert writes_text(adapter_for(tiny_model("llama"))) and writes_text(adapter_for(tiny_model("gpt2")))
-    assert not writes_text(adapter_for(tiny_model("bert")))
+    assert adapter_for(tiny_model("llama")).is_lm and adapter_for(tiny_model("gpt2")).is_lm
+    assert not adapter_for(tiny_model("bert")).is_lm
     model = tiny_model("llama")
     model.config.bos_token_id = model.config.eos_token_id = None
     with pytest.raises(UserError, match="no beginning- or end-of-text token"):

@@ -45,7 +45,7 @@ from ..storage import location, staged_folder
 from ..pipeline import site_generator, surgeon_model
 from ..reconstruct import reconstruct
 from ..search import SEARCHES, Site
-from ..self_text import self_texts, writes_text
+from ..self_text import self_texts
 from ..stats import GRADS_PART, STATS_MEMORY_SHARE, model_sites, weights_fingerprint
 from ..stats_store import DamagedStats, read_site, write_site
 from ..surgery import apply_pruning, save_pruned
@@ -161,7 +161,7 @@ class ModelInfo:
     sites: list[Site]
     max_positions: int | None
     architecture: str
-    writes_text: bool  # a causal LM, which writes text for its own calibration (self_text.py)
+    writes_text: bool  # an LM (Adapter.is_lm), which writes text for its own calibration (self_text.py)
 
 
 @ray.remote(num_cpus=1)
@@ -169,7 +169,7 @@ def describe(source: str, dtype: str | None = None) -> ModelInfo:
     adapter, _ = _load(source, dtype)
     geoms = adapter.geometries()
     sites = model_sites(geoms)
-    return ModelInfo(weights_fingerprint(adapter.model), geoms, sites, adapter.max_positions(), type(adapter.model).__name__, writes_text(adapter))
+    return ModelInfo(weights_fingerprint(adapter.model), geoms, sites, adapter.max_positions(), type(adapter.model).__name__, adapter.is_lm)
 
 
 @ray.remote

@@ -92,7 +92,7 @@ class FlopStudent(GatedStudent):
         super().__init__()
         self.adapter = adapter
         self.model = adapter.model
-        self.lm = adapter.causal and adapter.model.get_output_embeddings() is not None
+        self.lm = adapter.is_lm
         # the teacher is needed only for distillation (a list: not a submodule, not saved)
         self.teacher = [] if self.lm else [copy.deepcopy(adapter.model).eval().requires_grad_(False)]
         self.mapping = None if self.lm else identity_map(adapter.hidden_size)

@@ -155,6 +155,12 @@ class Adapter:
         parent, _, attr = name.rpartition(".")
         return [(self.model.get_submodule(parent) if parent else self.model, attr)]
 
+    @property
+    def is_lm(self) -> bool:
+        """A causal LM with a head that predicts the next token: judged by perplexity, trained on
+        next tokens by flop, able to write its own calibration text. A bare decoder (GPT2Model) is not."""
+        return self.causal and self.model.get_output_embeddings() is not None
+
     def max_positions(self) -> int | None:
         """Longest sequence the model's positions allow (None if the config names no limit)."""
         limit = getattr(self.config, "max_position_embeddings", None)
