@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cpu_precision import float32_products
 from .models import Adapter
 from .stats import BatchRouting, GramStats, ModelStats, Site, empty_stats, record_inputs
 
@@ -160,7 +161,7 @@ def collect_curvature(
     was_training = model.training
     model.eval()
     try:
-        with activation_gradients(model):
+        with activation_gradients(model), float32_products(model):
             for batch in batches:
                 tokens = routing.start(batch)
                 ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .cpu_precision import float32_products
 from .flops import model_macs
 from .latency import LatencySettings, available_cpus, paired_latency
 from .models import Adapter
@@ -33,13 +34,14 @@ def _base(model: nn.Module) -> nn.Module:
 def sentence_embeddings(model: nn.Module, batches: list[dict], on_batch: Callable[[], None] | None = None) -> torch.Tensor:
     """Mean-pooled, L2-normalised last hidden states (the sentence-transformers recipe)."""
     out = []
-    for batch in batches:
-        hidden = _base(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        mask = batch["attention_mask"][..., None].to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1))
-        if on_batch:
-            on_batch()
+    with float32_products(model):
+        for batch in batches:
+            hidden = _base(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            mask = batch["attention_mask"][..., None].to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+            if on_batch:
+                on_batch()
     return torch.cat(out)
 
 
@@ -52,21 +54,23 @@ def fidelity(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
 def perplexity(model: nn.Module, batches: list[dict], on_batch: Callable[[], None] | None = None) -> float:
     """exp of the mean next-token cross-entropy over non-padding tokens."""
     total, count = 0.0, 0
-    for batch in batches:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100, reduction="sum")
-        total += float(loss)
-        count += int((target != -100).sum())
-        if on_batch:
-            on_batch()
+    with float32_products(model):
+        for batch in batches:
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((target != -100).sum())
+            if on_batch:
+                on_batch()
     return float(torch.exp(torch.tensor(total / max(count, 1))))
 
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, batches: list[dict], labels: list[int]) -> float:
-    predictions = torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1) for b in batches])
+    with float32_products(model):
+        predictions = torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1) for b in batches])
     return float((predictions == torch.tensor(labels)).double().mean())
 
 

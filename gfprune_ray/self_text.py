@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from .cpu_precision import float32_products
 from .curvature import draw
 from .errors import UserError
 
@@ -59,7 +60,7 @@ def _sample(model, start: int, rows: int, max_tokens: int, rng: torch.Generator,
     # transformers 5.25 renamed the key-value cache `cache` (`past_key_values` until then)
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     step, past, written, ended = ids, None, [], torch.zeros(rows, dtype=torch.bool)
-    with torch.inference_mode():
+    with torch.inference_mode(), float32_products(model):
         for _ in range(max_tokens):
             out = model(input_ids=step, use_cache=True, **{key: past})
             past = getattr(out, key)
