@@ -11,11 +11,14 @@ from gfprune_ray.models import adapter_for
 from gfprune_ray.pipeline import mark_heldout
 
 
+@pytest.mark.parametrize("min_tokens", [0, 1000], ids=["float32-forward", "half-forward"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_float32_linear_matches_the_definition(monkeypatch, dtype):
+def test_float32_linear_matches_the_definition(monkeypatch, dtype, min_tokens):
     """Forward and all three gradients against float64 products of the same half-precision
-    values, with weight blocks of 3 rows so that the 40 output rows span 14 uneven blocks."""
+    values, with weight blocks of 3 rows so that the 40 output rows span 14 uneven blocks; the
+    forward of few tokens in half precision as well."""
     monkeypatch.setattr(cpu_precision, "FLOAT32_BLOCK_BYTES", 3 * 4 * 24)
+    monkeypatch.setattr(cpu_precision, "FLOAT32_MIN_TOKENS", min_tokens)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 24, generator=gen).to(dtype).requires_grad_()
     w = torch.randn(40, 24, generator=gen).to(dtype).requires_grad_()
