@@ -20,9 +20,10 @@ from .data import heldout_flags
 from .memory import release_memory
 from .methods import get_method, surgeon
 from .models import Adapter, adapter_for
-from .reconstruct import MODES, Reconstruction, reconstruct
+from .reconstruct import MODES, WHOLE_GRAM_MODES, Reconstruction, reconstruct
 from .search import SEARCHES, Masks, Site
 from .stats import ModelStats, SiteSums
+from .stats_store import site_reader
 from .surgery import apply_pruning
 
 
@@ -94,9 +95,11 @@ def reconstruct_sites(adapter: Adapter, masks: Masks, calibration: Calibration, 
         if bool(mask.all()):
             continue  # nothing removed here: the dense weights are already the best fit
         w = adapter.unit_weights(*site)
-        # readers, not values: statistics stored on disk are read one Gram at a time
-        fit, heldout = calibration.fit.sites, calibration.heldout.sites
-        rec = reconstruct(mode, w.out, w.bias, mask.nonzero().flatten(), w.width, lambda: fit[site], lambda: heldout[site])
+        # readers, not values: statistics stored on disk are read one Gram at a time, and streamed
+        # by rows where the mode passes over them once (all but scale)
+        by_rows = mode not in WHOLE_GRAM_MODES
+        fit, heldout = (site_reader(part.sites, site, by_rows) for part in (calibration.fit, calibration.heldout))
+        rec = reconstruct(mode, w.out, w.bias, mask.nonzero().flatten(), w.width, fit, heldout)
         out[site] = rec.in_dtype(w.out.dtype)
         release_memory()  # a 7B FFN site's refit frees ~2 GB of temporaries: not kept for the next
     return out

@@ -16,8 +16,9 @@ G here is the second moment E[x x^T] (the Gram matrix divided by n).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -76,23 +77,27 @@ def with_bias_column(cols: torch.Tensor, inputs: int, has_bias: bool) -> torch.T
     return torch.cat([cols, torch.tensor([inputs])]) if has_bias else cols
 
 
+class GramRows(Protocol):
+    """Statistics read in one pass over the Gram's rows: a GramStats, or a stored site streamed
+    from disk (`stats_store.StreamedGram`), which never holds its Gram whole."""
+
+    n: torch.Tensor
+    total: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor: ...
+
+    def row_blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]: ...
+
+
 Stats = GramStats | Callable[[], GramStats]
+RowStats = GramRows | Callable[[], GramRows]
+# modes that need each Gram whole; the others pass over its rows once (and may get GramRows)
+WHOLE_GRAM_MODES = ("scale",)
 
 
-def _read(stats: Stats) -> GramStats:
+def _read(stats):
     return stats() if callable(stats) else stats
-
-
-SUBMATRIX_ROWS = 1024
-
-
-def _submatrix(matrix: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """matrix[idx][:, idx], a block of rows at a time: indexing both axes at once builds |S|^2
-    int64 indices, and rows first a |S| x k copy (each 0.6-0.8 GB for a 7B FFN)."""
-    out = torch.empty(len(idx), len(idx), dtype=matrix.dtype)
-    for start in range(0, len(idx), SUBMATRIX_ROWS):
-        out[start : start + SUBMATRIX_ROWS] = matrix.index_select(0, idx[start : start + SUBMATRIX_ROWS]).index_select(1, idx)
-    return out
 
 
 CROSS_ROWS = 512
@@ -103,17 +108,25 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def _cross_terms(weight: torch.Tensor, gram: torch.Tensor, inner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W G)[:, inner] and sum((W G) * W), a block of W's rows at a time: the whole d x k product
-    W G is never formed (0.36 GB for a 7B FFN site)."""
-    cross = torch.empty(weight.shape[0], len(inner), dtype=gram.dtype)
-    energy = torch.zeros((), dtype=gram.dtype)
-    for start in range(0, weight.shape[0], CROSS_ROWS):
-        rows = weight[start : start + CROSS_ROWS]
-        block = rows @ gram
-        cross[start : start + CROSS_ROWS] = block[:, inner]
-        energy += _inner(block, rows)
-    return cross, energy
+def _gram_terms(weight: torch.Tensor, stats: GramRows, inner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """G[S, S], (W G)[:, S] and sum((W G) * W) for the Gram G of `stats` and the kept inputs S
+    (`inner`), in one pass over G's rows, CROSS_ROWS at a time: neither G (1 GB for a 7B FFN site,
+    streamed from disk when stored) nor the d x k product W G is ever whole. G is symmetric, so
+    its block of rows R gives (W G)[:, R] = W G[R, :]^T."""
+    position = torch.full((weight.shape[1],), -1, dtype=torch.long)
+    position[inner] = torch.arange(len(inner))
+    m_ss = torch.empty(len(inner), len(inner), dtype=torch.float64)
+    cross = torch.empty(weight.shape[0], len(inner), dtype=torch.float64)
+    energy = torch.zeros((), dtype=torch.float64)
+    for start, block in stats.row_blocks(CROSS_ROWS):
+        columns = block.mT
+        product = weight @ columns
+        energy += _inner(product, weight[:, start : start + block.shape[0]])
+        local = position[start : start + block.shape[0]]
+        chosen = (local >= 0).nonzero().flatten()
+        cross[:, local[chosen]] = product[:, chosen]
+        m_ss[local[chosen]] = block.index_select(0, chosen).index_select(1, inner)
+    return m_ss, cross, energy
 
 
 class _Quadratic:
@@ -127,21 +140,20 @@ class _Quadratic:
         self.dense_s, self.dm_s, self.m_ss, self.energy, self.tokens = dense_s, dm_s, m_ss, energy, tokens
 
     @classmethod
-    def of(cls, dense: torch.Tensor, stats: Stats, cols: torch.Tensor, has_bias: bool, dense_s: torch.Tensor | None = None) -> _Quadratic:
+    def of(cls, dense: torch.Tensor, stats: RowStats, cols: torch.Tensor, has_bias: bool, dense_s: torch.Tensor | None = None) -> _Quadratic:
         """For M = E[x x^T] of `stats` (or of what the reader `stats` returns), augmented by the
         constant input 1 (last of `cols`, last column of `dense`) when the layer has a bias. Only
-        M[S, S] and W M[:, S] are formed, and a Gram read here is dropped as soon as they are."""
+        M[S, S] and W M[:, S] are formed, in one pass over the Gram's rows."""
         stats = _read(stats)
         n, mean = stats.n.clamp(min=1), stats.mean
         inner = cols[:-1] if has_bias else cols
         weight = dense[:, :-1] if has_bias else dense
-        m_ss = _submatrix(stats.gram, inner)
+        m_ss, dm_s, energy = _gram_terms(weight, stats, inner)
         m_ss /= n
-        dm_s, energy = _cross_terms(weight, stats.gram, inner)
         dm_s /= n
         energy /= n
         tokens = float(stats.n)
-        del stats  # a Gram read from disk (1 GB for a 7B FFN) goes here, before the bias terms
+        del stats
         if has_bias:  # M_aug = [[M, mu], [mu^T, 1]], so W_aug M_aug = [W M + b mu^T, W mu + b]
             bias = dense[:, -1]
             last = weight @ mean + bias
@@ -193,14 +205,14 @@ def split_augmented(augmented: torch.Tensor, has_bias: bool) -> tuple[torch.Tens
     return (augmented[:, :-1], augmented[:, -1]) if has_bias else (augmented, None)
 
 
-def reconstruct_full(weight, bias, keep_cols, fit: Stats, heldout: Stats) -> Reconstruction:
+def reconstruct_full(weight, bias, keep_cols, fit: RowStats, heldout: RowStats) -> Reconstruction:
     has_bias = bias is not None
     dense = augmented_weight(weight, bias)
     cols = with_bias_column(keep_cols, weight.shape[1], has_bias)
     ridged = torch.ones(len(cols), dtype=torch.bool)
     if has_bias:
         ridged[-1] = False
-    # each Gram is read (when given as a reader) only while its quadratic is formed
+    # each Gram is read (when given as a reader) only while its quadratic is formed, by rows
     on_fit = _Quadratic.of(dense, fit, cols, has_bias)
     on_heldout = _Quadratic.of(dense, heldout, cols, has_bias, dense_s=on_fit.dense_s)
     del dense
@@ -259,12 +271,13 @@ def reconstruct(
     bias: torch.Tensor | None,
     keep_units: torch.Tensor,
     width: int,
-    fit: Stats,
-    heldout: Stats,
+    fit: Stats | RowStats,
+    heldout: Stats | RowStats,
 ) -> Reconstruction:
     """New output-projection weights for the kept units of one site. `fit` and `heldout` are the
     site's statistics, or functions that read them: a 7B model's FFN site has two 1 GB Grams,
-    which are then never in memory together."""
+    which are then never in memory together (and never whole, when read by rows: GramRows,
+    for every mode but WHOLE_GRAM_MODES)."""
     keep_units = torch.as_tensor(keep_units, dtype=torch.long).sort().values
     cols = unit_rows(keep_units, width)
     if mode == "full":

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +86,12 @@ class GramStats:
     @property
     def mean(self) -> torch.Tensor:
         return self.total / self.n.clamp(min=1)
+
+    def row_blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, gram[first : first + rows]) for each block of the Gram's rows, in order (as
+        `stats_store.StreamedGram` reads a stored one)."""
+        for start in range(0, self.gram.shape[0], rows):
+            yield start, self.gram[start : start + rows]
 
 
 def _from_arrays(n, gram, total) -> GramStats:

@@ -44,10 +44,19 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 of every tensor's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself: no copy
+        _hash_tensor(digest, name, tensors[name])
     return digest.hexdigest()
+
+
+def _hash_tensor(digest, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None, shape: tuple | None = None) -> None:
+    """Adds a tensor to `digest` as tensors_checksum does; with `dtype` and `shape` given, only
+    their header: its bytes are then added by the caller, block by block."""
+    if shape is None:
+        tensor = tensor.detach().contiguous()
+        dtype, shape = tensor.dtype, tuple(tensor.shape)
+    digest.update(f"{name}|{dtype}|{shape}|".encode())
+    if tensor is not None:
+        digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself: no copy
 
 
 def write_site(folder: Path, site: Site, parts: dict[str, GramStats], fingerprint: str) -> None:
@@ -105,6 +114,59 @@ def read_site(folder: Path, site: Site, parts: tuple[str, ...] | None = None) ->
             raise DamagedStats(f"{path}: statistics file is damaged (its data does not match the checksum written with it)")
         out[part] = GramStats(fields[f"{part}/n"].reshape(()), fields[f"{part}/gram"], fields[f"{part}/total"])
     return out
+
+
+class StreamedGram:
+    """One part of a stored site for one pass over its Gram's rows (a 7B FFN site's Gram is 1 GB;
+    the refit needs it once, row by row): n and total are read at once, the Gram a block of rows
+    at a time by `row_blocks`, which checks the part's checksum when the pass ends (a consumer
+    must finish the pass; its results are void if that raises DamagedStats)."""
+
+    def __init__(self, path: Path, part: str):
+        self.path, self.part = path, part
+        try:
+            with open(path, "rb") as f:
+                header, self.start = read_header(f)
+            self.meta = header.get("__metadata__") or {}
+            self.gram_info = header[f"{part}/gram"]
+            _, small = read_safetensors(path, lambda name: name in (f"{part}/n", f"{part}/total"))
+            self.n, self.total = small[f"{part}/n"].reshape(()), small[f"{part}/total"]
+        except Exception as exc:
+            raise DamagedStats(f"{path}: not a readable statistics file ({first_line(exc)})") from None
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.n.clamp(min=1)
+
+    def row_blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        shape, dtype = tuple(self.gram_info["shape"]), DTYPES_BY_NAME[self.gram_info["dtype"]]
+        begin, end = self.gram_info["data_offsets"]
+        row_bytes = shape[1] * dtype.itemsize
+        if (end - begin) != shape[0] * row_bytes:
+            raise DamagedStats(f"{self.path}: not a readable statistics file (its Gram's size does not match its shape)")
+        digest = hashlib.sha256()
+        _hash_tensor(digest, f"{self.part}/gram", None, dtype, shape)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            for first in range(0, shape[0], rows):
+                block = torch.empty((min(rows, shape[0] - first), shape[1]), dtype=dtype)
+                buffer = block.view(torch.uint8).numpy()
+                if f.readinto(buffer.reshape(-1)) != buffer.nbytes:
+                    raise DamagedStats(f"{self.path}: not a readable statistics file (shorter than its header says)")
+                digest.update(buffer)
+                yield first, block
+        _hash_tensor(digest, f"{self.part}/n", self.n.reshape(1))
+        _hash_tensor(digest, f"{self.part}/total", self.total)
+        if digest.hexdigest() != self.meta.get(f"checksum/{self.part}"):
+            raise DamagedStats(f"{self.path}: statistics file is damaged (its data does not match the checksum written with it)")
+
+
+def site_reader(sites: Mapping[Site, GramStats], site: Site, by_rows: bool) -> Callable[[], GramStats | StreamedGram]:
+    """A function that reads one site's statistics: streamed by rows from disk when `by_rows` and
+    the sites are stored, else whole."""
+    if by_rows and isinstance(sites, StoredSites):
+        return lambda: StreamedGram(site_file(sites.folder, site), sites.part)
+    return lambda: sites[site]
 
 
 def read_header(f: BinaryIO) -> tuple[dict, int]:

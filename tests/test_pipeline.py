@@ -253,7 +253,6 @@ def test_full_refit_is_the_ridge_solution_on_all_calibration_tokens(with_bias, m
     import gfprune_ray.reconstruct as rc
 
     monkeypatch.setattr(rc, "CROSS_ROWS", 2)
-    monkeypatch.setattr(rc, "SUBMATRIX_ROWS", 3)
     g = torch.Generator().manual_seed(5)
     d, cols = 7, 10
     weight = torch.randn(d, cols, generator=g, dtype=torch.float64)

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from gfprune_ray.errors import UserError
 from gfprune_ray.stats import GramStats, ModelStats
-from gfprune_ray.stats_store import DamagedStats, load_stats, move_aside, read_site, save_stats, site_file
+from gfprune_ray.stats_store import DamagedStats, StreamedGram, load_stats, move_aside, read_site, save_stats, site_file
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -103,7 +103,8 @@ def test_damaged_statistics_are_refused_and_a_damaged_cache_entry_is_moved_aside
     assert torch.equal(load_stats(path, "fp")["fit"].sites[(0, "ffn")].gram, _small_stats()["fit"].sites[(0, "ffn")].gram)
     damage(site_file(path, (0, "ffn")))
     # each part is checked as it is read: reading every part must find the damage
-    for read in (lambda: [part[(0, "ffn")] for part in load_stats(path, "fp").values()], lambda: read_site(path, (0, "ffn"))):
+    streamed = [lambda part=part: list(StreamedGram(site_file(path, (0, "ffn")), part).row_blocks(2)) for part in ("fit", "heldout")]
+    for read in (lambda: [part[(0, "ffn")] for part in load_stats(path, "fp").values()], lambda: read_site(path, (0, "ffn")), lambda: [r() for r in streamed]):
         with pytest.raises(DamagedStats, match="site-0-ffn.safetensors"):
             read()
     warnings = []

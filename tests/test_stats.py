@@ -18,7 +18,7 @@ from gfprune_ray.stats import (
     stats_fingerprint,
     weights_fingerprint,
 )
-from gfprune_ray.stats_store import load_stats, read_safetensors, save_stats
+from gfprune_ray.stats_store import StreamedGram, load_stats, read_safetensors, save_stats, site_reader
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -147,6 +147,24 @@ def test_save_load_round_trip_is_exact(tmp_path):
     # loaded statistics still add up (the farm merges cached parts with new shards)
     merged = loaded["fit"] + loaded["heldout"]
     assert torch.equal(merged[(0, "ffn")].gram, parts["fit"][(0, "ffn")].gram + parts["heldout"][(0, "ffn")].gram)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 1000])
+def test_a_stored_gram_streamed_by_rows_is_the_stored_gram(tmp_path, rows):
+    """The refit reads a stored site's Gram a block of rows at a time (never whole): the blocks,
+    in order, are the saved Gram bit for bit, as GramStats.row_blocks gives an in-memory one."""
+    adapter, fp, parts = _stats_pair()
+    save_stats(parts, tmp_path / "stats")
+    for name, part in parts.items():
+        for site, stats in part.sites.items():
+            streamed = site_reader(load_stats(tmp_path / "stats", fp)[name].sites, site, by_rows=True)()
+            assert isinstance(streamed, StreamedGram)
+            assert torch.equal(streamed.n, stats.n) and torch.equal(streamed.total, stats.total) and torch.equal(streamed.mean, stats.mean)
+            blocks = list(streamed.row_blocks(rows))
+            assert [start for start, _ in blocks] == list(range(0, stats.gram.shape[0], rows))
+            assert torch.equal(torch.cat([block for _, block in blocks]), stats.gram)
+            for (a, x), (b, y) in zip(blocks, stats.row_blocks(rows), strict=True):
+                assert a == b and torch.equal(x, y)
 
 
 def test_plain_reader_reads_what_the_safetensors_library_writes(tmp_path):
