@@ -96,7 +96,7 @@ RowStats = GramRows | Callable[[], GramRows]
 WHOLE_GRAM_MODES = ("scale",)
 
 
-def _read(stats):
+def _read(stats: Stats | RowStats) -> GramStats | GramRows:
     return stats() if callable(stats) else stats
 
 
@@ -119,8 +119,7 @@ def _gram_terms(weight: torch.Tensor, stats: GramRows, inner: torch.Tensor) -> t
     cross = torch.empty(weight.shape[0], len(inner), dtype=torch.float64)
     energy = torch.zeros((), dtype=torch.float64)
     for start, block in stats.row_blocks(CROSS_ROWS):
-        columns = block.mT
-        product = weight @ columns
+        product = weight @ block.mT
         energy += _inner(product, weight[:, start : start + block.shape[0]])
         local = position[start : start + block.shape[0]]
         chosen = (local >= 0).nonzero().flatten()
