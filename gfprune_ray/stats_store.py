@@ -48,7 +48,7 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _hash_tensor(digest, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None, shape: tuple | None = None) -> None:
+def _hash_tensor(digest, name: str, tensor: torch.Tensor | None, dtype: torch.dtype | None = None, shape: tuple | None = None) -> None:
     """Adds a tensor to `digest` as tensors_checksum does; with `dtype` and `shape` given, only
     their header: its bytes are then added by the caller, block by block."""
     if shape is None:
