@@ -57,7 +57,6 @@ class Float32Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         if x.numel() < FLOAT32_MIN_TOKENS * x.shape[-1]:
             return F.linear(x, weight, bias)
         x32 = x.float()
@@ -80,7 +79,7 @@ class Float32Linear(torch.autograd.Function):
                 grad_x += g32[..., rows] @ weight[rows].float()
             if need_w:
                 grad_w[rows] = (g32[..., rows].reshape(-1, rows.stop - rows.start).T @ flat_x).to(weight.dtype)
-        grad_b = g32.reshape(-1, g32.shape[-1]).sum(0).to(weight.dtype) if need_b and ctx.has_bias else None
+        grad_b = g32.reshape(-1, g32.shape[-1]).sum(0).to(weight.dtype) if need_b else None  # False without a bias
         return (grad_x.to(x.dtype) if need_x else None), grad_w, grad_b
 
 

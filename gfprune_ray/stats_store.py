@@ -48,15 +48,15 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _hash_tensor(digest, name: str, tensor: torch.Tensor | None, dtype: torch.dtype | None = None, shape: tuple | None = None) -> None:
-    """Adds a tensor to `digest` as tensors_checksum does; with `dtype` and `shape` given, only
-    their header: its bytes are then added by the caller, block by block."""
-    if shape is None:
-        tensor = tensor.detach().contiguous()
-        dtype, shape = tensor.dtype, tuple(tensor.shape)
-    digest.update(f"{name}|{dtype}|{shape}|".encode())
-    if tensor is not None:
-        digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself: no copy
+def _field_header(name: str, dtype: torch.dtype, shape: tuple) -> bytes:
+    """What the checksum hashes before a tensor's bytes."""
+    return f"{name}|{dtype}|{shape}|".encode()
+
+
+def _hash_tensor(digest, name: str, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().contiguous()
+    digest.update(_field_header(name, tensor.dtype, tuple(tensor.shape)))
+    digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself: no copy
 
 
 def write_site(folder: Path, site: Site, parts: dict[str, GramStats], fingerprint: str) -> None:
@@ -145,7 +145,7 @@ class StreamedGram:
         if (end - begin) != shape[0] * row_bytes:
             raise DamagedStats(f"{self.path}: not a readable statistics file (its Gram's size does not match its shape)")
         digest = hashlib.sha256()
-        _hash_tensor(digest, f"{self.part}/gram", None, dtype, shape)
+        digest.update(_field_header(f"{self.part}/gram", dtype, shape))  # its bytes follow block by block
         with open(self.path, "rb") as f:
             f.seek(self.start + begin)
             for first in range(0, shape[0], rows):

@@ -180,11 +180,6 @@ def write_self_texts(source: str, n: int, max_tokens: int, seed: int, batch_size
     return self_texts(adapter.model, tokenizer, n, max_tokens, seed, batch_size)
 
 
-def self_text_resources() -> dict:
-    """A GPU where the cluster has them (sampling is a forward pass per token), else one CPU."""
-    return {"num_gpus": 1, "num_cpus": 1} if gpus_available() else {"num_cpus": 1}
-
-
 @ray.remote(num_cpus=1)
 def site_weights(source: str, sites: list[Site], dtype: str | None = None) -> tuple[UnitWeights, ...]:
     adapter, _ = _load(source, dtype)

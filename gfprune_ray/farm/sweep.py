@@ -158,7 +158,8 @@ class Sweep:
             work.self_texts = 0
             return calib
         source, seq_len = work.entry.source, self.c.seq_len_of(work.entry)
-        task = stages.write_self_texts.options(**stages.self_text_resources())
+        # a process holding the model, as one collection actor (a GPU where the cluster has them)
+        task = stages.write_self_texts.options(**stages.collector_resources(1)[0])
         texts = ray.get(task.remote(source, n, min(SELF_TEXT_TOKENS, seq_len), self.c.seed, self.c.batch_size, self.c.dtype_of(work.entry)))
         rows = [{"text": r["text"]} for r in calib_rows] + [{"text": t} for t in texts]
         work.self_texts = len(texts)
