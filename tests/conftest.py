@@ -14,15 +14,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
-import transformers as T
-
+# huggingface_hub reads these when imported (by transformers, below): set later, tests that run
+# the CLI in this process would wait ~25 s on hub retries for a name that is not a local corpus
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Set before torch is imported, so it holds for the CLI subprocesses too: `make test` runs two
 # pytest workers on two cores, and a multi-threaded torch next to a busy process stalls (below).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers as T  # noqa: E402
+
 # Ray workers of the farm tests share the cores with this process. Multi-threaded torch then
 # stalls on its many tiny products (each parallel region waits for a descheduled thread): a test
 # that takes seconds alone took over 5 minutes next to a busy process. One thread is plenty here.
@@ -177,8 +180,32 @@ def cli_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "gfprune_ray.cli"]
 
 
+CLI_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200", "NO_COLOR": "1"}
+
+
 def cli_env(**extra: str) -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="200", NO_COLOR="1", **extra)
+    return dict(os.environ, **CLI_ENV, **extra)
+
+
+def cli_in_process(*args, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """The CLI run in this process, for commands that must stop in one line before any work: a
+    subprocess spends seconds importing torch, Ray and MLflow to print that line, and the
+    suite has dozens of them. An exception the CLI lets escape shows on stderr as a traceback,
+    exit code 1, as it would from the console script."""
+    import contextlib
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from gfprune_ray.cli import app
+
+    with contextlib.chdir(cwd or Path.cwd()):
+        result = CliRunner().invoke(app, [str(a) for a in args], env={**CLI_ENV, **env}, prog_name="gfprune-ray")
+    stderr, code = result.stderr, result.exit_code
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+        code = 1
+    return subprocess.CompletedProcess(args, code, result.stdout, stderr)
 
 
 def run_cli(*args, cwd: Path | None = None, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers as T
 
-from conftest import VOCAB, cli_command, cli_env, make_tokenizer, run_cli, save_tiny, sentences
+from conftest import cli_in_process, VOCAB, cli_command, cli_env, make_tokenizer, run_cli, save_tiny, sentences
 from gfprune_ray import load_pruned
 from gfprune_ray.models import adapter_for
 
@@ -254,7 +254,7 @@ def test_bad_input_fails_cleanly(ws, tmp_path, case):
     if "--data" not in args:
         args += ["--data", ws.data]
     stats_before = _digest(ws.stats)
-    result = run_cli("prune", model(ws, work) if model else ws.model_a, "--out", out, *args, *SMALL)
+    result = cli_in_process("prune", model(ws, work) if model else ws.model_a, "--out", out, *args, *SMALL)
 
     assert result.returncode == 2, f"exit {result.returncode}; stderr:\n{result.stderr[-3000:]}"
     lines = result.stderr.strip().splitlines()
@@ -272,7 +272,7 @@ def test_existing_output_is_refused_without_force(ws, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    result = run_cli("prune", ws.model_a, "--out", out, "--data", ws.data, *SMALL)
+    result = cli_in_process("prune", ws.model_a, "--out", out, "--data", ws.data, *SMALL)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr[-3000:]
@@ -297,7 +297,7 @@ def test_seq_len_beyond_the_model_fails_cleanly_and_leaves_no_new_folders(ws, tm
     out = tmp_path / "made" / "for" / "out"
     args = list(SMALL)
     args[args.index("--seq-len") + 1] = "100"  # the tiny BERT has 64 positions
-    result = run_cli("prune", ws.model_a, "--out", out, "--data", ws.data, *args)
+    result = cli_in_process("prune", ws.model_a, "--out", out, "--data", ws.data, *args)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--seq-len 100" in lines[0] and "64" in lines[0], result.stderr[-3000:]
@@ -310,7 +310,7 @@ def test_unsupported_architecture_is_a_one_line_error(ws, tmp_path):
     T.GPTNeoXForCausalLM(config).save_pretrained(folder)
     make_tokenizer(folder).save_pretrained(folder)
     out = tmp_path / "out"
-    result = run_cli("prune", folder, "--out", out, "--data", ws.data, *SMALL)
+    result = cli_in_process("prune", folder, "--out", out, "--data", ws.data, *SMALL)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "gpt_neox" in lines[0] and "unsupported" in lines[0], result.stderr[-3000:]
@@ -374,5 +374,5 @@ def test_prune_cofi_killed_during_training_resumes_to_the_uninterrupted_model(ws
 
 
 def test_stats_file_is_refused_for_a_training_method(ws, tmp_path):
-    result = run_cli("prune", ws.model_a, "--out", tmp_path / "x", "--data", ws.data, "--method", "flop", "--stats", tmp_path / "s", *SMALL)
+    result = cli_in_process("prune", ws.model_a, "--out", tmp_path / "x", "--data", ws.data, "--method", "flop", "--stats", tmp_path / "s", *SMALL)
     assert result.returncode == 2 and "--stats does not apply to flop" in result.stderr

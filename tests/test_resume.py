@@ -107,6 +107,13 @@ def test_a_second_campaign_loads_the_statistics_from_the_cache(ws):
     assert model_run.data.metrics["stats_reused"] == 1.0 and model_run.data.metrics["collect_s"] == 0.0
     assert ws.cache_files() == cached, "no collection ran: the cache is neither rewritten nor added to"
 
+    # a sweep killed after the model's last unit leaves its model run RUNNING: the next run of the
+    # campaign closes it, and redoes nothing
+    ws.client.update_run(model_run.info.run_id, "RUNNING")
+    assert not run_sweep(again).failures
+    assert ws.client.get_run(model_run.info.run_id).info.status == "FINISHED"
+    assert {k: r.info.end_time for k, r in ws.units("again").items()} == {k: r.info.end_time for k, r in runs.items()}, "nothing redone"
+
 
 # ---- 2. unfinished unit runs are deleted and their units redone --------------------------------
 
