@@ -108,47 +108,72 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def _gram_terms(weight: torch.Tensor, stats: GramRows, inner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """G[S, S], (W G)[:, S] and sum((W G) * W) for the Gram G of `stats` and the kept inputs S
-    (`inner`), in one pass over G's rows, CROSS_ROWS at a time: neither G (1 GB for a 7B FFN site,
+def _gram_pass(
+    stats: GramRows, inner: torch.Tensor, weight: torch.Tensor | None = None, moment: bool = True, extra: int = 0
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """One pass over the rows of the Gram G of `stats`, CROSS_ROWS at a time, for the kept inputs S
+    (`inner`): G[S, S] when `moment` (in the top left of a buffer `extra` rows and columns
+    larger), and given W, (W G)[:, S] and sum((W G) * W). Neither G (1 GB for a 7B FFN site,
     streamed from disk when stored) nor the d x k product W G is ever whole. G is symmetric, so
     its block of rows R gives (W G)[:, R] = W G[R, :]^T."""
-    position = torch.full((weight.shape[1],), -1, dtype=torch.long)
+    position = torch.full((stats.total.shape[0],), -1, dtype=torch.long)
     position[inner] = torch.arange(len(inner))
-    m_ss = torch.empty(len(inner), len(inner), dtype=torch.float64)
-    cross = torch.empty(weight.shape[0], len(inner), dtype=torch.float64)
+    size = len(inner) + extra
+    m_ss = torch.empty(size, size, dtype=torch.float64) if moment else None
+    cross = None if weight is None else torch.empty(weight.shape[0], len(inner), dtype=torch.float64)
     energy = torch.zeros((), dtype=torch.float64)
     for start, block in stats.row_blocks(CROSS_ROWS):
-        product = weight @ block.mT
-        energy += _inner(product, weight[:, start : start + block.shape[0]])
         local = position[start : start + block.shape[0]]
         chosen = (local >= 0).nonzero().flatten()
-        cross[:, local[chosen]] = product[:, chosen]
-        m_ss[local[chosen]] = block.index_select(0, chosen).index_select(1, inner)
+        if m_ss is not None:
+            m_ss[local[chosen], : len(inner)] = block.index_select(0, chosen).index_select(1, inner)
+        if weight is not None:
+            product = weight @ block.mT
+            energy += _inner(product, weight[:, start : start + block.shape[0]])
+            cross[:, local[chosen]] = product[:, chosen]
     return m_ss, cross, energy
+
+
+def _moment(stats: GramRows, inner: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """M[S, S] = G[S, S] / n in a new tensor, augmented by the constant input 1 when the layer
+    has a bias: M_aug = [[M, mu], [mu^T, 1]]."""
+    m_ss = _gram_pass(stats, inner, extra=int(has_bias))[0]
+    size = len(inner)
+    m_ss[:size, :size] /= stats.n.clamp(min=1)
+    if has_bias:
+        mean = stats.mean[inner]
+        m_ss[:size, size] = mean
+        m_ss[size, :size] = mean
+        m_ss[size, size] = 1.0
+    return m_ss
 
 
 class _Quadratic:
     """E|D x - K x_S|^2 as a function of the kept weights K, for one input moment M = E[x x^T].
 
-    Holds D M[:, S] and M[S, S], so each candidate ridge costs d |S|^2, not d k^2. Built from the
-    Gram matrix of a site's statistics without copying it whole (`of`): for an 11008-wide FFN a
-    copy is 1 GB, and the refit would otherwise make several."""
+    Holds D M[:, S], so each candidate costs d |S|^2, not d k^2, and M[S, S] where the error is
+    evaluated (`relative_error`). A quadratic that is only solved (`ridge_fit`) reads M[S, S] from
+    its statistics again for each solve, which factors it in place anyway: holding it as well
+    would add |S|^2 floats (0.9 GB for a 7B FFN site that keeps most of its 11008 neurons). Built
+    without copying the Gram matrix whole (`of`)."""
 
-    def __init__(self, dense_s: torch.Tensor, dm_s: torch.Tensor, m_ss: torch.Tensor, energy: torch.Tensor, tokens: float):
+    def __init__(self, dense_s: torch.Tensor, dm_s: torch.Tensor, m_ss: torch.Tensor | None, energy: torch.Tensor, tokens: float,
+                 read_moment: Callable[[], torch.Tensor] | None = None):
         self.dense_s, self.dm_s, self.m_ss, self.energy, self.tokens = dense_s, dm_s, m_ss, energy, tokens
+        self.read_moment = read_moment
+        self.mixed: tuple[_Quadratic, float] | None = None  # a mix not yet applied to the M[S, S] read again
 
     @classmethod
-    def of(cls, dense: torch.Tensor, stats: RowStats, cols: torch.Tensor, has_bias: bool, dense_s: torch.Tensor | None = None) -> _Quadratic:
+    def of(cls, dense: torch.Tensor, stats: RowStats, cols: torch.Tensor, has_bias: bool, dense_s: torch.Tensor | None = None,
+           hold_moment: bool = True) -> _Quadratic:
         """For M = E[x x^T] of `stats` (or of what the reader `stats` returns), augmented by the
         constant input 1 (last of `cols`, last column of `dense`) when the layer has a bias. Only
-        M[S, S] and W M[:, S] are formed, in one pass over the Gram's rows."""
-        stats = _read(stats)
+        M[S, S] (unless not `hold_moment`) and W M[:, S] are formed, in one pass over the Gram's rows."""
+        source, stats = stats, _read(stats)
         n, mean = stats.n.clamp(min=1), stats.mean
         inner = cols[:-1] if has_bias else cols
         weight = dense[:, :-1] if has_bias else dense
-        m_ss, dm_s, energy = _gram_terms(weight, stats, inner)
-        m_ss /= n
+        m_ss, dm_s, energy = _gram_pass(stats, inner, weight, moment=hold_moment, extra=int(has_bias))
         dm_s /= n
         energy /= n
         tokens = float(stats.n)
@@ -158,14 +183,34 @@ class _Quadratic:
             last = weight @ mean + bias
             energy += 2 * (bias * (weight @ mean)).sum() + (bias * bias).sum()
             dm_s += bias[:, None] * mean[inner][None, :]
-            m_ss = torch.cat([torch.cat([m_ss, mean[inner][:, None]], 1), torch.cat([mean[inner], torch.ones(1, dtype=mean.dtype)])[None, :]], 0)
             dm_s = torch.cat([dm_s, last[:, None]], 1)
-        return cls(dense[:, cols] if dense_s is None else dense_s, dm_s, m_ss, energy.clamp(min=1e-300), tokens)
+        if m_ss is not None:
+            size = len(inner)
+            m_ss[:size, :size] /= n
+            if has_bias:
+                m_ss[:size, size] = m_ss[size, :size] = mean[inner]
+                m_ss[size, size] = 1.0
+        read_moment = None if hold_moment else lambda: _moment(_read(source), inner, has_bias)
+        return cls(dense[:, cols] if dense_s is None else dense_s, dm_s, m_ss, energy.clamp(min=1e-300), tokens, read_moment)
+
+    def moment(self) -> torch.Tensor:
+        """M[S, S] in a new tensor (a solve's system)."""
+        if self.m_ss is not None:
+            return self.m_ss.clone()
+        m_ss = self.read_moment()
+        if self.mixed is not None:
+            other, share = self.mixed
+            m_ss.mul_(1 - share).add_(other.m_ss, alpha=share)
+        return m_ss
 
     def mix_(self, other: _Quadratic, share: float) -> _Quadratic:
-        """This quadratic becomes that of (1 - share) M + share M_other (in place: M is linear)."""
+        """This quadratic becomes that of (1 - share) M + share M_other (in place: M is linear;
+        applied as M[S, S] is read again where it is not held)."""
         self.dm_s.mul_(1 - share).add_(other.dm_s, alpha=share)
-        self.m_ss.mul_(1 - share).add_(other.m_ss, alpha=share)
+        if self.m_ss is not None:
+            self.m_ss.mul_(1 - share).add_(other.m_ss, alpha=share)
+        else:
+            self.mixed = (other, share)
         self.energy = self.energy * (1 - share) + other.energy * share
         return self
 
@@ -180,19 +225,21 @@ class _Quadratic:
 
         Solved by a Cholesky factorisation and two triangular solves, all in place: a general
         solve copies both the system and the right-hand side (1 GB more for a 7B FFN site)."""
-        diag = self.m_ss.diagonal()
+        system = self.moment()
+        diag = system.diagonal()
         scale = diag[ridged].mean() if ridged.any() else torch.tensor(1.0, dtype=diag.dtype)
         ridge = ridged.to(diag.dtype) * lam * scale
+        system.diagonal().add_(ridge)
         rhs = self.dense_s * ridge[None, :]
         rhs += self.dm_s
-        system = self.m_ss.clone()
-        system.diagonal().add_(ridge)
         # the system is symmetric, so its transpose is the same matrix in the column-major layout
         # LAPACK factors in place; rhs.T is the |S| x d right-hand side, column-major as well
         factor, info = system.mT, torch.empty((), dtype=torch.int32)
         torch.linalg.cholesky_ex(factor, out=(factor, info))
         if info.item() != 0:  # not positive definite to working precision (no ridge on a singular M)
-            system.copy_(self.m_ss).diagonal().add_(ridge)
+            del factor, system
+            system = self.moment()
+            system.diagonal().add_(ridge)
             return torch.linalg.solve(system, rhs.T).T
         solution = rhs.T
         torch.linalg.solve_triangular(factor, solution, upper=False, out=solution)
@@ -212,7 +259,8 @@ def reconstruct_full(weight, bias, keep_cols, fit: RowStats, heldout: RowStats) 
     if has_bias:
         ridged[-1] = False
     # each Gram is read (when given as a reader) only while its quadratic is formed, by rows
-    on_fit = _Quadratic.of(dense, fit, cols, has_bias)
+    # the fit is only solved: its M[S, S] is read again for each solve instead of held
+    on_fit = _Quadratic.of(dense, fit, cols, has_bias, hold_moment=False)
     on_heldout = _Quadratic.of(dense, heldout, cols, has_bias, dense_s=on_fit.dense_s)
     del dense
     errors = {lam: on_heldout.relative_error(on_fit.ridge_fit(lam, ridged)) for lam in LAMBDAS}
