@@ -134,18 +134,21 @@ def _gram_pass(
     return m_ss, cross, energy
 
 
-def _moment(stats: GramRows, inner: torch.Tensor, has_bias: bool) -> torch.Tensor:
-    """M[S, S] = G[S, S] / n in a new tensor, augmented by the constant input 1 when the layer
-    has a bias: M_aug = [[M, mu], [mu^T, 1]]."""
-    m_ss = _gram_pass(stats, inner, extra=int(has_bias))[0]
-    size = len(inner)
-    m_ss[:size, :size] /= stats.n.clamp(min=1)
+def _to_moment_(m_ss: torch.Tensor, n: torch.Tensor, mean_s: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """G[S, S] (top left of `m_ss`) becomes M[S, S] = G[S, S] / n in place, augmented by the
+    constant input 1 when the layer has a bias: M_aug = [[M, mu_S], [mu_S^T, 1]]."""
+    size = len(mean_s)
+    m_ss[:size, :size] /= n
     if has_bias:
-        mean = stats.mean[inner]
-        m_ss[:size, size] = mean
-        m_ss[size, :size] = mean
+        m_ss[:size, size] = m_ss[size, :size] = mean_s
         m_ss[size, size] = 1.0
     return m_ss
+
+
+def _moment(stats: GramRows, inner: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """M[S, S] of `stats` in a new tensor (augmented as `_to_moment_`), from one pass over its Gram."""
+    m_ss = _gram_pass(stats, inner, extra=int(has_bias))[0]
+    return _to_moment_(m_ss, stats.n.clamp(min=1), stats.mean[inner], has_bias)
 
 
 class _Quadratic:
@@ -185,11 +188,7 @@ class _Quadratic:
             dm_s += bias[:, None] * mean[inner][None, :]
             dm_s = torch.cat([dm_s, last[:, None]], 1)
         if m_ss is not None:
-            size = len(inner)
-            m_ss[:size, :size] /= n
-            if has_bias:
-                m_ss[:size, size] = m_ss[size, :size] = mean[inner]
-                m_ss[size, size] = 1.0
+            _to_moment_(m_ss, n, mean[inner], has_bias)
         read_moment = None if hold_moment else lambda: _moment(_read(source), inner, has_bias)
         return cls(dense[:, cols] if dense_s is None else dense_s, dm_s, m_ss, energy.clamp(min=1e-300), tokens, read_moment)
 
@@ -258,8 +257,8 @@ def reconstruct_full(weight, bias, keep_cols, fit: RowStats, heldout: RowStats) 
     ridged = torch.ones(len(cols), dtype=torch.bool)
     if has_bias:
         ridged[-1] = False
-    # each Gram is read (when given as a reader) only while its quadratic is formed, by rows
-    # the fit is only solved: its M[S, S] is read again for each solve instead of held
+    # each Gram is read (when given as a reader) by rows, the held-out one once, while its
+    # quadratic is formed; the fit is only solved, so its M[S, S] is read again for each solve
     on_fit = _Quadratic.of(dense, fit, cols, has_bias, hold_moment=False)
     on_heldout = _Quadratic.of(dense, heldout, cols, has_bias, dense_s=on_fit.dense_s)
     del dense
